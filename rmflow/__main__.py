@@ -1,0 +1,3 @@
+from rmflow.cli import main
+
+main()
