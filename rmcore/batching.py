@@ -1,0 +1,228 @@
+"""Groups → token ids → batches.
+
+Each prompt group is encoded once: the prompt is tokenised once and every *unique* completion text
+becomes one sequence, so a K-wise group costs K sequences, not 2·C(K,2). Over-long inputs keep
+the response and lose the start of the prompt (truncated from the left); nothing is dropped.
+
+Batches keep whole groups (a prompt's comparisons are never split) and are bucketed by length
+inside shuffled windows, which keeps padding low without giving up a random order.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rmcore.losses import PairIndex
+
+BUCKET_WINDOW = 50  # batches per length-sorted window: large enough to bucket, small enough to stay random
+
+
+@dataclass
+class EncodedGroup:
+    index: int
+    seqs: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margins: list[float]
+    weights: list[float]
+    strengths: list[float]
+    smoothing: list[float]
+    rank: list[int]
+    blocks: list[int]
+    ties: list[tuple[int, int]] = field(default_factory=list)
+    truncated_pairs: int = 0
+    truncated_seqs: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+    @property
+    def max_len(self) -> int:
+        return max(len(s) for s in self.seqs)
+
+
+@dataclass
+class Encoder:
+    """Builds model inputs the tokenizer's way: [CLS] prompt [SEP] response [SEP] for encoders
+    with a separator, prompt + response + eos for decoders (last-token pooling lands on eos)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    _template: tuple[list[int], list[int], list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._template = self._pair_template()
+        self.n_special = sum(len(part) for part in self._template)
+
+    def _pair_template(self) -> tuple[list[int], list[int], list[int]]:
+        """(prefix, middle, suffix) around prompt and response, read off the tokenizer's own
+        pair encoding of two probe words; decoders without a separator get bos … eos."""
+        tok = self.tokenizer
+        if tok.sep_token is None:
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            return bos, [], eos
+        a, b = (tok("x", add_special_tokens=False)["input_ids"], tok("y", add_special_tokens=False)["input_ids"])
+        full = tok("x", "y", add_special_tokens=True)["input_ids"]
+        i = next(k for k in range(len(full)) if full[k:k + len(a)] == a)
+        j = next(k for k in range(i + len(a), len(full)) if full[k:k + len(b)] == b)
+        return full[:i], full[i + len(a):j], full[j + len(b):]
+
+    def _join(self, p: list[int], r: list[int]) -> list[int]:
+        prefix, middle, suffix = self._template
+        return prefix + p + middle + r + suffix
+
+    def join(self, prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], bool]:
+        """Returns (input ids, truncated). Keeps the response; cuts the prompt from the left. A
+        response that alone overflows keeps its start and a quarter of the budget for the prompt."""
+        budget = self.max_length - self.n_special
+        if len(prompt_ids) + len(response_ids) <= budget:
+            return self._join(prompt_ids, response_ids), False
+        if len(response_ids) > budget - min(len(prompt_ids), budget // 4):
+            keep_prompt = min(len(prompt_ids), budget // 4)
+            response_ids = response_ids[: budget - keep_prompt]
+        else:
+            keep_prompt = budget - len(response_ids)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:] if keep_prompt else []
+        return self._join(prompt_ids, response_ids), True
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def encode_groups(rows: list[dict[str, Any]], encoder: Encoder, default_smoothing: float = 0.0) -> list[EncodedGroup]:
+    """Rows of the `groups` dataset → EncodedGroups. Optional per-pair columns `strengths` and
+    `smoothing` come from the preference-strength ensemble."""
+    prompt_ids = encoder.tokenize([r["prompt"] for r in rows])
+    uniq_per_row = [list(dict.fromkeys(r["completions"])) for r in rows]
+    flat = [t for u in uniq_per_row for t in u]
+    comp_ids = iter(encoder.tokenize(flat))
+    out = []
+    for n, (row, p_ids, uniq) in enumerate(zip(rows, prompt_ids, uniq_per_row)):
+        seq_of_text = {t: k for k, t in enumerate(uniq)}
+        seqs, trunc = [], []
+        for _ in uniq:
+            ids, was_cut = encoder.join(p_ids, next(comp_ids))
+            seqs.append(ids)
+            trunc.append(was_cut)
+        to_seq = [seq_of_text[t] for t in row["completions"]]
+        pairs = [(to_seq[w], to_seq[l]) for w, l in row["pairs"]]
+        npairs = len(pairs)
+        strengths = list(row.get("strengths") or [0.0] * npairs)
+        smoothing = list(row.get("smoothing") or [default_smoothing] * npairs)
+        out.append(
+            EncodedGroup(
+                index=n,
+                seqs=seqs,
+                pairs=pairs,
+                margins=list(row["margins"]),
+                weights=list(row.get("weights") or [1.0] * npairs),
+                strengths=strengths,
+                smoothing=smoothing,
+                rank=to_seq,
+                blocks=list(row["blocks"]),
+                ties=[(to_seq[a], to_seq[b]) for a, b in row["ties"]],
+                truncated_pairs=sum(1 for w, l in pairs if trunc[w] or trunc[l]),
+                truncated_seqs=sum(trunc),
+            )
+        )
+    return out
+
+
+def plan_batches(
+    groups: list[EncodedGroup], pairs_per_step: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Group indices per step. Shuffled, then length-sorted within windows of BUCKET_WINDOW
+    batches, cut at `pairs_per_step` strict pairs, then the batch order is shuffled again."""
+    order = list(range(len(groups)))
+    rng = random.Random(f"{seed}:{epoch}")
+    if shuffle:
+        rng.shuffle(order)
+    avg_pairs = max(1.0, sum(g.num_pairs for g in groups) / max(len(groups), 1))
+    window = max(1, int(BUCKET_WINDOW * pairs_per_step / avg_pairs))
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: groups[i].max_len)
+        current: list[int] = []
+        pairs = 0
+        for i in chunk:
+            current.append(i)
+            pairs += groups[i].num_pairs
+            if pairs >= pairs_per_step:
+                batches.append(current)
+                current, pairs = [], 0
+        if current:
+            batches.append(current)
+    # a batch of tie-only groups holds no strict pair for any pairwise loss to learn from
+    batches = [b for b in batches if any(groups[i].num_pairs for i in b)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class Batch:
+    seqs: list[list[int]]
+    index: PairIndex
+    num_pairs: int
+    group_ids: list[int]
+
+
+def collate(groups: list[EncodedGroup]) -> Batch:
+    """Concatenates groups into one sequence list and index tensors into it."""
+    seqs: list[list[int]] = []
+    cols: dict[str, list] = {k: [] for k in ("chosen", "rejected", "margin", "weight", "strength", "smoothing", "group")}
+    kmax = max(len(g.rank) for g in groups)
+    rank_seq = torch.full((len(groups), kmax), -1, dtype=torch.long)
+    rank_block = torch.full((len(groups), kmax), -1, dtype=torch.long)
+    for gi, g in enumerate(groups):
+        base = len(seqs)
+        seqs.extend(g.seqs)
+        cols["chosen"] += [base + w for w, _ in g.pairs]
+        cols["rejected"] += [base + l for _, l in g.pairs]
+        cols["margin"] += g.margins
+        cols["weight"] += g.weights
+        cols["strength"] += g.strengths
+        cols["smoothing"] += g.smoothing
+        cols["group"] += [gi] * g.num_pairs
+        rank_seq[gi, : len(g.rank)] = torch.tensor([base + s for s in g.rank])
+        rank_block[gi, : len(g.blocks)] = torch.tensor(g.blocks)
+    longs = {"chosen", "rejected", "group"}
+    index = PairIndex(
+        **{k: torch.tensor(v, dtype=torch.long if k in longs else torch.float32) for k, v in cols.items()},
+        rank_seq=rank_seq,
+        rank_block=rank_block,
+    )
+    return Batch(seqs, index, len(cols["chosen"]), [g.index for g in groups])
+
+
+def pad_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Length-sorted forward chunks of (original positions, input_ids, attention_mask), each at
+    most `max_tokens` padded tokens (0 = one chunk). Sorting first keeps padding per chunk small."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks: list[list[int]] = [[]]
+    for i in order:
+        width = len(seqs[i])  # the longest so far, since sorted
+        if max_tokens and chunks[-1] and (len(chunks[-1]) + 1) * width > max_tokens:
+            chunks.append([])
+        chunks[-1].append(i)
+    out = []
+    for members in chunks:
+        width = max(len(seqs[i]) for i in members)
+        ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, i in enumerate(members):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, : len(seqs[i])] = 1
+        out.append((members, ids, mask))
+    return out

