@@ -85,7 +85,7 @@ class RewardModel(nn.Module):
                 backbone.config.pad_token_id = pad_token_id
             head = None
         else:
-            backbone = AutoModel.from_pretrained(path)
+            backbone = _without_pooler(AutoModel.from_pretrained(path))
             hidden = backbone.config.get_text_config().hidden_size
             head = nn.Linear(hidden, 1)
             nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
@@ -129,13 +129,21 @@ class RewardModel(nn.Module):
         if meta["kind"] == "seqcls":
             backbone, head = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), None
         else:
-            backbone = AutoModel.from_pretrained(path)
+            backbone = _without_pooler(AutoModel.from_pretrained(path))
             weights = load_file(str(model_dir / "head.safetensors"))
             head = nn.Linear(weights["weight"].shape[1], 1)
             head.load_state_dict(weights)
         model = cls(backbone, head, cfg, source=meta["source"])
         model.eval()
         return model, load_tokenizer(path)
+
+
+def _without_pooler(backbone: nn.Module) -> nn.Module:
+    """The scalar head pools hidden states itself; an encoder's own pooler (BERT's) would be dead
+    weight, and parameters without gradients break DDP."""
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None
+    return backbone
 
 
 def _with_lora(backbone: nn.Module, cfg: ModelConfig, kind: str) -> nn.Module:

@@ -58,6 +58,99 @@ def convert(
     emit({**summary, "intransitive": manifest["intransitive"], "duplicates": manifest["duplicates"], "out": str(out)})
 
 
+def _run_config(config: Optional[Path], overrides: dict):
+    """A RunConfig from an optional YAML/JSON file, overridden by the flags that were given."""
+    import yaml
+    from pydantic import ValidationError
+
+    from rmcore.config import RunConfig
+
+    base = yaml.safe_load(config.read_text()) if config else {}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        elif values is not None:
+            base[section] = values
+    try:
+        return RunConfig.model_validate(base)
+    except ValidationError as e:
+        fail(f"invalid run config: {e}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Dataset folder written by `rmflow convert` or `rmflow collect`."),
+    out: Path = typer.Option(Path("out/model"), help="Where the trained reward model is saved."),
+    loss: Optional[str] = typer.Option(None, help="bt, bt_logexp, margin, kwise or plackett_luce."),
+    backbone: Optional[str] = typer.Option(None, help="minilm or a Hugging Face checkpoint folder."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per (prompt, response)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the train split (default 1)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    pairs_per_step: Optional[int] = typer.Option(None, help="Strict pairs per optimiser step."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing α for pairwise losses."),
+    adaptive_margin: Optional[float] = typer.Option(None, help="Coefficient of the per-pair strength margin."),
+    center_rewards: Optional[float] = typer.Option(None, help="Reward-centering coefficient."),
+    margin_scale: Optional[float] = typer.Option(None, help="Scale of the data margin in the margin loss."),
+    pooling: Optional[str] = typer.Option(None, help="last, mean or first."),
+    head: Optional[str] = typer.Option(None, help="auto, scalar or seqcls."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (0 = full fine-tuning)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="Enable gradient checkpointing."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers (0/1 = in-process)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per Ray worker."),
+    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster (default RAY_ADDRESS / local)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    max_failures: Optional[int] = typer.Option(None, help="Worker-group restarts allowed."),
+    ensemble: Optional[int] = typer.Option(None, help="Preference-strength ensemble size M (0 = off)."),
+    strategy: Optional[str] = typer.Option(None, help="none, flip, soft, margin, flip+margin, soft+margin."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON RunConfig; flags override it."),
+) -> None:
+    """Train a reward model; prints pairs trained, speed and validation accuracy."""
+    from tasks.train import run_training
+
+    cfg = _run_config(config, {
+        "loss": {"name": loss, "label_smoothing": label_smoothing, "adaptive_margin": adaptive_margin,
+                 "center_rewards": center_rewards, "margin_scale": margin_scale},
+        "model": {"backbone": backbone, "max_length": max_length, "pooling": pooling, "head": head,
+                  "lora_r": lora_r, "gradient_checkpointing": gradient_checkpointing},
+        "optim": {"epochs": epochs, "lr": lr, "pairs_per_step": pairs_per_step, "seed": seed, "eval_every": eval_every},
+        "scale": {"workers": workers, "use_gpu": gpu, "ray_address": ray_address,
+                  "checkpoint_every": checkpoint_every, "max_failures": max_failures},
+        "strength": {"ensemble": ensemble, "strategy": strategy},
+        "device": device,
+    })
+    try:
+        summary = run_training(cfg, data, out)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    summary.pop("group_train_counts", None)
+    summary.pop("history", None)
+    console.print(f"[green]trained[/] {summary['pairs_trained']} pairs in {summary['train_s']:.1f}s "
+                  f"({summary['pairs_per_s']:.1f} pairs/s); validation accuracy {summary['val_accuracy']:.3f} → {out}")
+    emit(summary)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="A saved reward model folder."),
+    data: Path = typer.Option(..., help="A dataset folder (its --split is used) or a raw preference file."),
+    format: Optional[str] = typer.Option(None, "--format", help="Format of a raw file: label-studio, hh-rlhf, qa-feedback, trl."),
+    split: str = typer.Option("test", help="Split of a dataset folder."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Accuracy, ties, ECE and margin of a saved reward model."""
+    from rmcore.evaluate import evaluate_saved_model
+
+    try:
+        metrics, _ = evaluate_saved_model(model, data, split, format, device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} pairs ({metrics['ties']} ties), ECE {metrics['ece']:.3f}")
+    emit(metrics)
+
+
 def _fractions(spec: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in spec.split(","))

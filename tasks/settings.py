@@ -1,0 +1,21 @@
+"""Where local state lives and which services to talk to. Environment variables override the
+embedded defaults: RMFLOW_HOME, MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def rmflow_home() -> Path:
+    home = Path(os.environ.get("RMFLOW_HOME", Path.home() / ".rmflow")).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def mlflow_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else an embedded SQLite store (the model registry needs a database)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{rmflow_home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    return str(rmflow_home() / "mlartifacts")
