@@ -111,14 +111,9 @@ def write_preference_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     pairs_dd = datasets.DatasetDict(
-        {
-            s: datasets.Dataset.from_list([asdict(p) for g in gs for p in pairs_from_group(g)], features=PAIR_FEATURES)
-            for s, gs in by_split.items()
-        }
+        {s: _table([asdict(p) for g in gs for p in pairs_from_group(g)], PAIR_FEATURES) for s, gs in by_split.items()}
     )
-    groups_dd = datasets.DatasetDict(
-        {s: datasets.Dataset.from_list([asdict(g) for g in gs], features=GROUP_FEATURES) for s, gs in by_split.items()}
-    )
+    groups_dd = datasets.DatasetDict({s: _table([asdict(g) for g in gs], GROUP_FEATURES) for s, gs in by_split.items()})
     pairs_dd.save_to_disk(str(staging / "pairs"))
     groups_dd.save_to_disk(str(staging / "groups"))
     for name in ("pairs", "groups"):
@@ -147,6 +142,11 @@ def write_preference_dataset(
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _table(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
+    """Column-wise, so an empty split keeps its schema."""
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
 def _write_jsonl(path: Path, rows: Any) -> None:

@@ -12,6 +12,7 @@ loads without peft.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -97,9 +98,13 @@ class RewardModel(nn.Module):
         return cls(backbone, head, cfg, source=cfg.backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if _accepts_position_ids(self.backbone):
+            # positions from the mask: a left-padded row gets the same positions as a right-padded one
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if self.head is None:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.backbone(**inputs).logits[:, 0].float()
+        hidden = self.backbone(**inputs).last_hidden_state
         return self.head(pool(hidden, attention_mask, self.cfg.pooling)).squeeze(-1).float()
 
     def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
@@ -136,6 +141,11 @@ class RewardModel(nn.Module):
         model = cls(backbone, head, cfg, source=meta["source"])
         model.eval()
         return model, load_tokenizer(path)
+
+
+def _accepts_position_ids(module: nn.Module) -> bool:
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "position_ids" in inspect.signature(base.forward).parameters
 
 
 def _without_pooler(backbone: nn.Module) -> nn.Module:

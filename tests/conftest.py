@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RMFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real preference data not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _rmflow_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer random BERT with the real MiniLM tokenizer: fast enough for training tests."""
+    from transformers import BertConfig, BertModel
+
+    from rmcore.model import load_tokenizer, resolve_backbone
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tok = load_tokenizer(resolve_backbone("minilm"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """240 synthetic prompts, K=4, one annotator ranking by gold reward with mild noise."""
+    from rmcore.converters.common import ConversionResult
+    from rmcore.dataset import write_preference_dataset
+    from rmcore.synthetic import synthetic_items, synthetic_rankings
+
+    out = tmp_path_factory.mktemp("synthetic_ds")
+    rankings = synthetic_rankings(synthetic_items(240, k=4, seed=1), annotators=1, noise=0.3, seed=2)
+    write_preference_dataset(ConversionResult(rankings=rankings), out, {"kind": "synthetic"})
+    return out

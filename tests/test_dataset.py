@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rmcore.converters.common import ConversionResult
+from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset
+from rmcore.synthetic import synthetic_items, synthetic_rankings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rmflow(*args: str, cwd: Path = ROOT) -> dict:
+    """Runs the CLI; returns the JSON object on its last stdout line."""
+    proc = subprocess.run([sys.executable, "-m", "rmflow", *args], capture_output=True, text=True, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_split_by_prompt_hash_is_deterministic_and_disjoint(tmp_path):
+    rankings = synthetic_rankings(synthetic_items(120, k=3, seed=5), annotators=2, seed=1)
+    manifest = write_preference_dataset(ConversionResult(rankings=rankings), tmp_path, {"kind": "t"})
+    groups = load_groups(tmp_path)
+    prompts = {s: set(groups[s]["prompt"]) for s in groups}
+    assert not (prompts["train"] & prompts["validation"]) and not (prompts["train"] & prompts["test"])
+    assert not (prompts["validation"] & prompts["test"])
+    for split, ps in prompts.items():
+        assert all(split_of(p, (0.8, 0.1, 0.1)) == split for p in ps)
+    assert manifest["groups"] == 240 and manifest["pairs"] == 240 * 3
+    assert sum(manifest["splits"].values()) == manifest["pairs"]
+    assert load_pairs(tmp_path)["train"].num_rows == manifest["splits"]["train"]
+
+
+def test_version_is_stable_for_same_inputs_and_changes_with_data_or_options(tmp_path):
+    rankings = synthetic_rankings(synthetic_items(30, seed=3), seed=4)
+    v1 = write_preference_dataset(ConversionResult(rankings=rankings), tmp_path / "a", {"kind": "t"})["version"]
+    v2 = write_preference_dataset(ConversionResult(rankings=list(rankings)), tmp_path / "b", {"kind": "t"})["version"]
+    v3 = write_preference_dataset(ConversionResult(rankings=rankings[:-1]), tmp_path / "c", {"kind": "t"})["version"]
+    v4 = write_preference_dataset(ConversionResult(rankings=rankings), tmp_path / "d", {"kind": "t", "x": 1})["version"]
+    assert v1 == v2 and len({v1, v3, v4}) == 3
+
+
+def test_duplicate_rankings_are_dropped_and_counted(tmp_path):
+    rankings = synthetic_rankings(synthetic_items(10, seed=3), seed=4)
+    manifest = write_preference_dataset(ConversionResult(rankings=rankings + rankings[:4]), tmp_path, {})
+    assert manifest["groups"] == 10 and manifest["duplicates"] == 4
+
+
+def test_cli_convert_qa_feedback_counts_and_stable_version(shared_data, tmp_path):
+    src = shared_data / "qa-feedback" / "dev_feedback_400.json"
+    first = rmflow("convert", "qa-feedback", str(src), "--out", str(tmp_path / "a"))
+    assert {k: first[k] for k in ("prompts", "pairs", "ties", "groups", "quarantined")} == {
+        "prompts": 400, "pairs": 2104, "ties": 296, "groups": 400, "quarantined": 0}
+    assert rmflow("convert", "qa-feedback", str(src), "--out", str(tmp_path / "b"))["version"] == first["version"]
+    assert sum(first["splits"].values()) == 2104
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest["sources"][0]["sha256"] and manifest["version"] == first["version"]
+
+
+def test_cli_convert_hh_rlhf_counts(shared_data, tmp_path):
+    src = shared_data / "hh-rlhf" / "harmless-base-test-first1000.jsonl.gz"
+    result = rmflow("convert", "hh-rlhf", str(src), "--out", str(tmp_path))
+    assert (result["prompts"], result["pairs"], result["ties"], result["groups"]) == (1000, 1000, 0, 1000)
+
+
+def test_cli_convert_quarantine_file_and_strict_exit(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p2"}\n')
+    result = rmflow("convert", "trl", str(src), "--out", str(tmp_path / "ds"))
+    assert result["pairs"] == 1 and result["quarantined"] == 1
+    entry = json.loads((tmp_path / "ds" / "quarantine.jsonl").read_text().splitlines()[0])
+    assert entry["locator"] == "line 2" and "missing field 'chosen'" in entry["reason"]
+    proc = subprocess.run([sys.executable, "-m", "rmflow", "convert", "trl", str(src), "--out", str(tmp_path / "s"), "--strict"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "line 2: missing field 'chosen'" in json.loads(proc.stdout.strip().splitlines()[-1])["error"]
