@@ -165,7 +165,7 @@ class _Loop:
         self.total_steps = math.ceil(self.total_micro / cfg.optim.grad_accum)
         self.opt = build_optimizer(model, cfg)
         self.sched = build_scheduler(self.opt, cfg, self.total_steps)
-        self.micro = 0
+        self.micro = self.resumed_from = 0
         self.trained = np.zeros(len(train_groups), dtype=np.int64)
         self.history: list[dict[str, Any]] = []
         if ctx.resume:
@@ -175,8 +175,9 @@ class _Loop:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self.micro = state["micro"]
+        self.micro = self.resumed_from = state["micro"]
         self.trained = np.asarray(state["trained"], dtype=np.int64)
+        torch.set_rng_state(state["rng"])
 
     def state(self) -> dict[str, Any]:
         return {
@@ -185,6 +186,7 @@ class _Loop:
             "scheduler": self.sched.state_dict(),
             "micro": self.micro,
             "trained": self.trained.tolist(),
+            "rng": torch.get_rng_state(),
         }
 
     def _micro_batches(self):
@@ -233,6 +235,7 @@ class _Loop:
             "val_margin_mean": final["margin_mean"],
             "val_pairs": final["n"],
             "group_train_counts": self.trained.tolist(),
+            "resumed_from_step": math.ceil(self.resumed_from / cfg.optim.grad_accum),
             "history": self.history,
         }
 

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from transformers.utils import logging as hf_logging
 
 from rmflow.output import console, emit, fail
 
+hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the CLI's own output
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reward-model stage of RLHF, end to end.")
 
 
