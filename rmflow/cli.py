@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import typer
 from transformers.utils import logging as hf_logging
 
 from rmflow.output import console, emit, fail
 
-hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the CLI's own output
+# per-file "Loading weights" / "Saving the dataset" bars drown the CLI's own progress output
+hf_logging.disable_progress_bar()
+datasets.disable_progress_bars()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reward-model stage of RLHF, end to end.")
 
 

@@ -1,0 +1,98 @@
+"""Ray Train on a real local Ray runtime (no mocks): N workers, and recovery from a killed worker."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rmcore.config import RunConfig
+from rmcore.converters.common import ConversionResult
+from rmcore.dataset import write_preference_dataset
+from rmcore.synthetic import synthetic_items, synthetic_rankings
+from tasks.train import run_ray_training, run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    import ray
+
+    from tasks.train import init_ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def cfg_for(backbone: Path, workers: int, epochs: float = 1, **scale) -> RunConfig:
+    return RunConfig.model_validate({
+        "model": {"backbone": str(backbone), "max_length": 128},
+        "optim": {"lr": 3e-3, "epochs": epochs},
+        "scale": {"workers": workers, **scale},
+    })
+
+
+def test_two_workers_match_one_worker_accuracy(ray_runtime, tiny_bert, synthetic_dataset, tmp_path):
+    one = run_training(cfg_for(tiny_bert, 1, epochs=2), synthetic_dataset, tmp_path / "one")
+    two = run_training(cfg_for(tiny_bert, 2, epochs=2, storage_path=str(tmp_path / "ray")), synthetic_dataset, tmp_path / "two")
+    assert two["workers"] == 2 and two["restarts"] == 0
+    assert two["pairs_trained"] == one["pairs_trained"]
+    assert all(c == 2 for c in two["group_train_counts"])
+    # within noise: 3 standard errors of a difference of two accuracies on the same n pairs
+    p, n = (one["val_accuracy"] + two["val_accuracy"]) / 2, one["val_pairs"]
+    assert abs(two["val_accuracy"] - one["val_accuracy"]) < 3 * math.sqrt(2 * p * (1 - p) / n), (one, two)
+    assert two["val_accuracy"] > 0.65
+    assert (tmp_path / "two" / "rmflow_model.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def slower_backbone(tmp_path_factory, tiny_bert) -> Path:
+    """Wide enough that a run outlasts the moment the test kills a worker."""
+    from transformers import BertConfig, BertModel
+
+    from rmcore.model import load_tokenizer
+
+    path = tmp_path_factory.mktemp("medium_bert")
+    BertModel(BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=512)).save_pretrained(path)
+    load_tokenizer(str(tiny_bert)).save_pretrained(path)
+    return path
+
+
+def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], deadline_s: float = 400) -> None:
+    """SIGKILLs one Ray Train worker process (titled `ray::RayTrainWorker...`) once the first
+    checkpoint is registered. `report` is a barrier, so a second checkpoint folder being written
+    means the first one is complete."""
+    import psutil
+
+    end = time.time() + deadline_s
+    while time.time() < end and sum(1 for p in run_dir.glob("checkpoint*") if p.is_dir()) < 2:
+        time.sleep(0.1)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
+
+
+def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_runtime, slower_backbone, tmp_path):
+    data = tmp_path / "ds"
+    rankings = synthetic_rankings(synthetic_items(400, k=4, seed=7), annotators=1, seed=8)
+    write_preference_dataset(ConversionResult(rankings=rankings), data, {"kind": "synthetic"})
+    storage = tmp_path / "ray"
+    cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=4, max_failures=2)
+    killed: list[int] = []
+    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(storage / "killtest", killed), daemon=True)
+    watcher.start()
+    summary = run_ray_training(cfg, data, tmp_path / "model", run_name="killtest")
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert summary["restarts"] >= 1
+    assert summary["resumed_from_step"] >= 4
+    assert all(c == 1 for c in summary["group_train_counts"]), "a prompt group was trained twice or never"
