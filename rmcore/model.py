@@ -91,6 +91,8 @@ class RewardModel(nn.Module):
             head = nn.Linear(hidden, 1)
             nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
             nn.init.zeros_(head.bias)
+        if cfg.disable_dropout:
+            _disable_dropout(backbone)
         if cfg.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
         if cfg.lora_r:
@@ -141,6 +143,15 @@ class RewardModel(nn.Module):
         model = cls(backbone, head, cfg, source=meta["source"])
         model.eval()
         return model, load_tokenizer(path)
+
+
+def _disable_dropout(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_probs_dropout_prob", "attention_dropout", "hidden_dropout_prob", "dropout"):
+        if isinstance(getattr(module.config, key, None), float):
+            setattr(module.config, key, 0.0)  # attention dropout is passed to SDPA from the config
 
 
 def _accepts_position_ids(module: nn.Module) -> bool:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Bootstraps rmflow's virtualenv, then runs one of:
+#   ./run.sh demo        the end-to-end pipeline on embedded defaults (rmflow demo)
+#   ./run.sh test [...]  the test suite (extra args go to pytest)
+#   ./run.sh bench ...   a benchmark (rmflow bench ...)
+#   ./run.sh rmflow ...  any rmflow command
+# On a machine without CUDA the CPU build of torch is installed first, so pip never pulls the
+# multi-GB CUDA wheel. Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0").
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${RMFLOW_VENV:-.venv}"
+PY="$(command -v python3.11 || command -v python3)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+stamp="$VENV/.rmflow-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
+  echo "$want" > "$stamp"
+fi
+
+cmd="${1:-demo}"; shift || true
+case "$cmd" in
+  demo)   exec "$VENV/bin/rmflow" demo "$@" ;;
+  test)   exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  bench)  exec "$VENV/bin/rmflow" bench "$@" ;;
+  rmflow) exec "$VENV/bin/rmflow" "$@" ;;
+  *) echo "usage: ./run.sh demo|test|bench|rmflow [args]" >&2; exit 2 ;;
+esac
