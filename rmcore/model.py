@@ -86,7 +86,7 @@ class RewardModel(nn.Module):
                 backbone.config.pad_token_id = pad_token_id
             head = None
         else:
-            backbone = _without_pooler(AutoModel.from_pretrained(path))
+            backbone = _frozen_pooler(AutoModel.from_pretrained(path))
             hidden = backbone.config.get_text_config().hidden_size
             head = nn.Linear(hidden, 1)
             nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
@@ -136,7 +136,7 @@ class RewardModel(nn.Module):
         if meta["kind"] == "seqcls":
             backbone, head = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), None
         else:
-            backbone = _without_pooler(AutoModel.from_pretrained(path))
+            backbone = _frozen_pooler(AutoModel.from_pretrained(path))
             weights = load_file(str(model_dir / "head.safetensors"))
             head = nn.Linear(weights["weight"].shape[1], 1)
             head.load_state_dict(weights)
@@ -159,11 +159,11 @@ def _accepts_position_ids(module: nn.Module) -> bool:
     return "position_ids" in inspect.signature(base.forward).parameters
 
 
-def _without_pooler(backbone: nn.Module) -> nn.Module:
-    """The scalar head pools hidden states itself; an encoder's own pooler (BERT's) would be dead
-    weight, and parameters without gradients break DDP."""
+def _frozen_pooler(backbone: nn.Module) -> nn.Module:
+    """The scalar head pools hidden states itself, so an encoder's own pooler (BERT's) gets no
+    gradient, which DDP rejects; frozen, it stays in the checkpoint and out of the optimiser."""
     if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None
+        backbone.pooler.requires_grad_(False)
     return backbone
 
 

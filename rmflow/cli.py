@@ -156,6 +156,65 @@ def evaluate(
     emit(metrics)
 
 
+@app.command()
+def promote(
+    model: Optional[Path] = typer.Option(None, help="Saved reward model folder to register, evaluate and gate."),
+    name: str = typer.Option("rmflow-reward", help="Registered model name."),
+    eval_data: Optional[Path] = typer.Option(None, help="Evaluation set: a dataset folder (its --split) or a raw file."),
+    split: str = typer.Option("test", help="Split of a dataset folder to evaluate on."),
+    format: Optional[str] = typer.Option(None, "--format", help="Format of a raw evaluation file."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Gate: minimum strict accuracy."),
+    max_ece: Optional[float] = typer.Option(None, help="Gate: maximum ECE."),
+    max_length_bias: Optional[float] = typer.Option(None, help="Gate: maximum |Spearman(reward, length)|."),
+    delta: Optional[float] = typer.Option(None, help="Gate: allowed accuracy drop vs the champion (CI low ≥ -δ)."),
+    rollback: bool = typer.Option(False, "--rollback", help="Move `champion` back to `previous` instead."),
+) -> None:
+    """Register a model in MLflow, evaluate it, and promote it to `champion` if it passes the gate."""
+    from rmcore.config import GateConfig
+    from tasks import registry
+
+    if rollback:
+        try:
+            result = registry.rollback(name)
+        except ValueError as e:
+            fail(str(e))
+        console.print(f"[yellow]rolled back[/] {name}: champion is now version {result['champion_version']}")
+        emit(result)
+        return
+    if model is None or eval_data is None:
+        fail("--model and --eval-data are required (or --rollback)")
+    gate = GateConfig(**{k: v for k, v in {"min_accuracy": min_accuracy, "max_ece": max_ece,
+                                            "max_length_bias": max_length_bias, "delta": delta}.items() if v is not None})
+    try:
+        result = registry.promote(model, name, eval_data, gate, split, format)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    result.pop("report_markdown")
+    verdict = "[green]promoted[/]" if result["passed"] else "[red]refused[/]"
+    console.print(f"{verdict} {name} v{result['version']}; champion is v{result['champion_version']}")
+    for reason in result["reasons"]:
+        console.print(f"  - {reason}")
+    emit({k: result[k] for k in ("version", "passed", "reasons", "champion_version", "metrics", "created")})
+
+
+@app.command()
+def score(
+    model: str = typer.Option(..., help="models:/NAME@champion, models:/NAME/VERSION, runs:/… or a model folder."),
+    prompt: list[str] = typer.Option(..., help="Prompt (repeat for a batch)."),
+    response: list[str] = typer.Option(..., help="Response (repeat; one per --prompt)."),
+) -> None:
+    """Score (prompt, response) pairs with a reward model."""
+    from rmcore.scoring import load_scorer
+
+    try:
+        rewards = load_scorer(model).score(prompt, response).tolist()
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    for p, r, s in zip(prompt, response, rewards):
+        console.print(f"{s:+.4f}  {p[:40]!r} → {r[:40]!r}")
+    emit({"rewards": rewards, "model": model})
+
+
 def _fractions(spec: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in spec.split(","))

@@ -24,7 +24,7 @@ import torch
 
 from rmcore.config import RunConfig
 from rmcore.train import WorkerContext, resolve_device, train_reward_model
-from tasks.settings import rmflow_home
+from rmcore.paths import rmflow_home
 
 STATE_FILE = "state.pt"
 FINAL_METRICS = "final_metrics.json"
