@@ -215,6 +215,115 @@ def score(
     emit({"rewards": rewards, "model": model})
 
 
+def _ls_failure(e: Exception) -> str:
+    from label_studio_sdk.core.api_error import ApiError
+
+    from tasks import labelstudio as lst
+
+    if isinstance(e, ApiError):
+        return lst.describe_api_error(e)
+    if isinstance(e, (lst.LabelStudioError, OSError, ValueError)):
+        return str(e)
+    raise e
+
+
+ls_app = typer.Typer(help="The local Label Studio server, projects and simulated annotators.", no_args_is_help=True)
+app.add_typer(ls_app, name="labelstudio")
+
+
+@ls_app.command("up")
+def ls_up(port: int = typer.Option(8080, help="Preferred port (a busy one moves to a free one).")) -> None:
+    """Install (once) and start Label Studio on 127.0.0.1; prints its URL."""
+    from infra import labelstudio
+
+    try:
+        result = labelstudio.up(port, log=console.print)
+    except RuntimeError as e:
+        fail(str(e))
+    console.print(f"Label Studio at [bold]{result['url']}[/] (user {labelstudio.ADMIN}; token in {labelstudio.ls_home() / 'token'})")
+    emit(result)
+
+
+@ls_app.command("down")
+def ls_down() -> None:
+    """Stop the Label Studio that rmflow started (and nothing else)."""
+    from infra import labelstudio
+
+    emit({"stopped": labelstudio.down()})
+
+
+@ls_app.command("status")
+def ls_status() -> None:
+    from infra import labelstudio
+
+    emit(labelstudio.status())
+
+
+@ls_app.command("seed")
+def ls_seed(
+    project: str = typer.Option(..., help="Project title (created if missing)."),
+    synthetic: int = typer.Option(0, help="Import N synthetic prompts with a hidden gold reward."),
+    k: int = typer.Option(4, help="Responses per prompt."),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="JSONL of {prompt, responses[], order?[]}."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Create the ranking project and import tasks (re-importing the same content adds nothing)."""
+    import json as _json
+
+    from rmcore.synthetic import synthetic_items
+    from tasks import labelstudio as lst
+
+    if from_file:
+        items = [_json.loads(line) for line in from_file.read_text().splitlines() if line.strip()]
+    else:
+        items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(synthetic, k, seed)]
+    try:
+        ls = lst.connect()
+        project_id = lst.ensure_project(ls, project, k)
+        result = lst.import_tasks(ls, project_id, items, seed)
+    except Exception as e:  # noqa: BLE001 — turned into one clear line below
+        fail(_ls_failure(e))
+    console.print(f"project {project!r} (id {project_id}): {result['imported']} tasks imported, {result['skipped']} already there")
+    emit({"project_id": project_id, **result})
+
+
+@ls_app.command("simulate-annotators")
+def ls_simulate(
+    project: str = typer.Option(..., help="Project title."),
+    annotators: int = typer.Option(2, help="Simulated annotators (real Label Studio users)."),
+    noise: float = typer.Option(0.5, help="Gumbel noise on the gold reward (0 = perfect annotators)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Each simulated annotator ranks every task it has not annotated yet, through the API."""
+    from tasks import labelstudio as lst
+
+    try:
+        project_id = lst.ensure_project(lst.connect(), project, 4)
+        result = lst.simulate_annotators(project_id, annotators, noise, seed)
+    except Exception as e:  # noqa: BLE001 — turned into one clear line below
+        fail(_ls_failure(e))
+    emit(result)
+
+
+@app.command()
+def collect(
+    project: str = typer.Option(..., help="Label Studio project title."),
+    out: Path = typer.Option(Path("out/labels"), help="Dataset root: versions are written to OUT/<version>/."),
+) -> None:
+    """Pull rankings from Label Studio into a versioned dataset; a second call with nothing new
+    reports 0 and writes no new version."""
+    from tasks import labelstudio as lst
+
+    try:
+        summary = lst.collect_rankings(project, out)
+    except Exception as e:  # noqa: BLE001 — turned into one clear line below
+        fail(_ls_failure(e))
+    lst.commit_watermark(out, summary["watermark"])
+    console.print(f"{summary['new_rankings']} new rankings ({summary['total_rankings']} in all, "
+                  f"{summary['quarantined']} quarantined) → {summary['dataset']}")
+    emit(summary)
+
+
 def _fractions(spec: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in spec.split(","))

@@ -1,0 +1,147 @@
+"""The real Label Studio server, local: its own virtualenv (its pins clash with rmflow's), SQLite,
+bound to 127.0.0.1, an admin user and a legacy API token created headlessly.
+
+- venv: RMFLOW_LABEL_STUDIO_VENV or RMFLOW_HOME/labelstudio/venv (label-studio==1.23.2, ~1 GB)
+- data: RMFLOW_HOME/labelstudio/data; token: RMFLOW_HOME/labelstudio/token (mode 600)
+- Label Studio moves to the next port silently when one is busy, so the real port is read from
+  its "Starting development server at …" log line.
+- Legacy tokens are off by default in 1.2x and the setting only applies when the organization is
+  first created, hence LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN on every start.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.process import ManagedService, ServiceError, free_port, wait_healthy
+from rmcore.paths import rmflow_home
+
+VERSION = "1.23.2"
+ADMIN = "admin@rmflow.local"
+STARTED = re.compile(rb"Starting development server at (http://[\d.]+:(\d+))/?")
+
+
+def ls_home() -> Path:
+    return rmflow_home() / "labelstudio"
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("RMFLOW_LABEL_STUDIO_VENV") or ls_home() / "venv")
+
+
+def service() -> ManagedService:
+    return ManagedService("labelstudio", ls_home())
+
+
+def ensure_installed(log=print) -> Path:
+    """Creates the virtualenv and installs Label Studio once; returns its `label-studio` script."""
+    exe = venv_dir() / "bin" / "label-studio"
+    if exe.exists():
+        return exe
+    log(f"installing label-studio=={VERSION} into {venv_dir()} (once; about a minute)")
+    python = "python3.11" if subprocess.run(["which", "python3.11"], capture_output=True).returncode == 0 else sys.executable
+    subprocess.run([python, "-m", "venv", str(venv_dir())], check=True)
+    pip = [str(venv_dir() / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, f"label-studio=={VERSION}"], check=True)
+    return exe
+
+
+def credentials() -> dict[str, str]:
+    """The admin's password and API token: from the environment, else generated once and kept in
+    files readable by the owner only."""
+    home = ls_home()
+    home.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, env, make in (("token", "LABEL_STUDIO_API_KEY", lambda: secrets.token_hex(20)),
+                           ("password", "LABEL_STUDIO_PASSWORD", lambda: secrets.token_urlsafe(16))):
+        path = home / key
+        if os.environ.get(env):
+            out[key] = os.environ[env]
+            continue
+        if not path.is_file():
+            path.touch(mode=0o600)
+            path.write_text(make())
+        out[key] = path.read_text().strip()
+    return out
+
+
+def _env(creds: dict[str, str]) -> dict[str, str]:
+    return {
+        "LABEL_STUDIO_USERNAME": ADMIN,
+        "LABEL_STUDIO_PASSWORD": creds["password"],
+        "LABEL_STUDIO_USER_TOKEN": creds["token"],
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(ls_home() / "data"),
+        "DJANGO_DB": "sqlite",
+    }
+
+
+def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
+    """Starts Label Studio (or finds the one rmflow already runs) and waits for /health."""
+    svc = service()
+    state = svc.state()
+    if state and state.get("url"):
+        wait_healthy(f"{state['url']}/health", 30)
+        return {"url": state["url"], "pid": state["pid"], "started": False}
+    exe = ensure_installed(log)
+    creds = credentials()
+    port = free_port(port)
+    offset = svc.log_file.stat().st_size if svc.log_file.exists() else 0
+    cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(ls_home() / "data"), "--username", ADMIN, "--enable-legacy-api-token"]
+    proc = svc.spawn(cmd, _env(creds), marker="label-studio")
+    url = _read_url(svc.log_file, offset, proc, timeout_s)
+    wait_healthy(f"{url}/health", timeout_s, alive=lambda: proc.poll() is None)
+    svc.record(url=url)
+    return {"url": url, "pid": proc.pid, "started": True}
+
+
+def _read_url(log_file: Path, offset: int, proc, timeout_s: float) -> str:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise ServiceError(f"label-studio exited with code {proc.returncode}; see {log_file}")
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            m = STARTED.search(f.read())
+        if m:
+            return m.group(1).decode()
+        time.sleep(0.5)
+    raise ServiceError(f"label-studio did not report its address within {timeout_s:.0f}s; see {log_file}")
+
+
+def down() -> bool:
+    return service().stop()
+
+
+def status() -> dict[str, Any]:
+    state = service().state()
+    return {"running": bool(state), "url": state.get("url") if state else None, "pid": state.get("pid") if state else None}
+
+
+def create_user(email: str) -> str:
+    """A real Label Studio user (a simulated annotator) with its own API token; returns the token.
+    Idempotent: the token is kept beside the admin's, mode 600."""
+    path = ls_home() / "annotators" / f"{email}.token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_hex(20)
+    creds = credentials()
+    cmd = [str(ensure_installed()), "init", "--data-dir", str(ls_home() / "data"), "--username", email,
+           "--password", secrets.token_urlsafe(16), "--user-token", token]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_env(creds)}, timeout=300)
+    if proc.returncode != 0:
+        raise ServiceError(f"could not create Label Studio user {email}: {proc.stderr[-500:]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token)
+    return token

@@ -1,0 +1,109 @@
+"""Starting, checking and stopping a local service process that rmflow owns.
+
+Each service keeps `state.json` (pid, url, command line) and a log under RMFLOW_HOME/<service>/.
+`stop` only signals the process recorded there, and only if its command line still matches, so
+rmflow never stops a server it did not start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+@dataclass
+class ManagedService:
+    name: str
+    home: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / f"{self.name}.log"
+
+    def state(self) -> dict[str, Any] | None:
+        if not self.state_file.is_file():
+            return None
+        state = json.loads(self.state_file.read_text())
+        return state if self._ours(state) else None
+
+    def _ours(self, state: dict[str, Any]) -> bool:
+        try:
+            proc = psutil.Process(state["pid"])
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and state["marker"] in " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            return False
+
+    def spawn(self, cmd: list[str], env: dict[str, str], marker: str) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        # a session of its own: the service outlives the command that started it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+        self.state_file.write_text(json.dumps({"pid": proc.pid, "marker": marker, "cmd": cmd[:2]}))
+        return proc
+
+    def record(self, **values: Any) -> None:
+        state = json.loads(self.state_file.read_text())
+        self.state_file.write_text(json.dumps({**state, **values}))
+
+    def stop(self, timeout: float = 20) -> bool:
+        state = self.state()
+        if state is None:
+            return False
+        proc = psutil.Process(state["pid"])
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+
+def wait_healthy(url: str, deadline_s: float, alive=lambda: True, expect: bytes | None = None) -> None:
+    """Polls `url` until it answers 200 (and contains `expect`), the process dies, or time runs out."""
+    end = time.monotonic() + deadline_s
+    last = "no answer"
+    while time.monotonic() < end:
+        if not alive():
+            raise ServiceError(f"the process exited before {url} answered ({last})")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body = resp.read()
+                if resp.status == 200 and (expect is None or expect in body):
+                    return
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise ServiceError(f"{url} did not become healthy within {deadline_s:.0f}s ({last})")
+
+
+def free_port(preferred: int) -> int:
+    """`preferred` if nothing listens there, else a free ephemeral port."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise ServiceError("no free port")
