@@ -19,6 +19,7 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _rmflow_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
+    monkeypatch.setenv("RMFLOW_LABEL_STUDIO_VENV", os.environ.get("RMFLOW_LABEL_STUDIO_VENV", str(Path.home() / ".rmflow/labelstudio/venv")))
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,21 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     rankings = synthetic_rankings(synthetic_items(240, k=4, seed=1), annotators=1, noise=0.3, seed=2)
     write_preference_dataset(ConversionResult(rankings=rankings), out, {"kind": "synthetic"})
     return out
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio on 127.0.0.1 for the whole session, in a fresh data dir. The venv is
+    shared across runs (RMFLOW_LABEL_STUDIO_VENV, default ~/.rmflow/labelstudio/venv): installing
+    it takes a minute, once per machine."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
+    mp.setenv("RMFLOW_LABEL_STUDIO_VENV", os.environ.get("RMFLOW_LABEL_STUDIO_VENV", str(Path.home() / ".rmflow/labelstudio/venv")))
+    mp.delenv("LABEL_STUDIO_URL", raising=False)
+    mp.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    from infra import labelstudio
+
+    url = labelstudio.up(port=18080)["url"]
+    yield url
+    labelstudio.down()
+    mp.undo()

@@ -1,0 +1,77 @@
+"""Collection from a real Label Studio server (started here; annotations submitted through its API)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infra.process import free_port
+from tasks import labelstudio as lst
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+PROJECT = "test-rankings"
+
+
+def test_collect_counts_updates_cancels_and_quarantines(label_studio, tmp_path):
+    from infra import labelstudio as local
+    from rmcore.synthetic import synthetic_items
+
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, PROJECT, 4)
+    assert lst.ensure_project(ls, PROJECT, 4) == project_id
+    items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(20, 4, seed=3)]
+    assert lst.import_tasks(ls, project_id, items) == {"imported": 20, "skipped": 0}
+    assert lst.import_tasks(ls, project_id, items) == {"imported": 0, "skipped": 20}
+    assert lst.simulate_annotators(project_id, annotators=2, noise=0.5)["submitted"] == 40
+
+    out = tmp_path / "labels"
+    first = lst.collect_rankings(PROJECT, out)
+    assert (first["new_rankings"], first["total_rankings"], first["quarantined"]) == (40, 40, 0)
+    assert first["multi_annotated_tasks"] == 20 and -1 <= first["kendall_tau"] <= 1
+    lst.commit_watermark(out, first["watermark"])
+    second = lst.collect_rankings(PROJECT, out)
+    assert second["new_rankings"] == 0 and second["version"] == first["version"]
+    lst.commit_watermark(out, second["watermark"])
+
+    # an annotator changes its mind: the update replaces its ranking
+    annotator = lst.connect(token=local.create_user("sim-0@rmflow.local"))
+    me = annotator.users.whoami().id
+    task = next(t for t in ls.tasks.list(project=project_id, fields="all"))
+    mine = next(a for a in task.annotations if lst._annotation_user(a) == me)
+    old = mine["result"][0]["value"]["ranker"]["rank"]
+    annotator.annotations.update(id=mine["id"], result=lst.ranker_result(list(reversed(old))))
+    # a third person skips one task and submits a broken ranking on another
+    third = lst.connect(token=local.create_user("sim-9@rmflow.local"))
+    tasks = [t.id for t in ls.tasks.list(project=project_id)]
+    third.annotations.create(id=tasks[1], result=[], was_cancelled=True)
+    third.annotations.create(id=tasks[2], result=lst.ranker_result(["r0", "r1", "zz", "r3"]))
+
+    third_collect = lst.collect_rankings(PROJECT, out)
+    assert third_collect["new_rankings"] == 1 and third_collect["total_rankings"] == 40
+    assert third_collect["cancelled"] == 1 and third_collect["quarantined"] == 1
+    assert "unknown completion ids ['zz']" in third_collect["quarantine_reasons"][0]
+    assert third_collect["version"] != first["version"]
+    rankings = [json.loads(line) for line in (out / third_collect["version"] / "rankings.jsonl").read_text().splitlines()]
+    updated = next(r for r in rankings if r["meta"]["annotation_id"] == mine["id"])
+    assert [b[0] for b in updated["order"]] == list(reversed(old))
+
+
+def test_label_studio_down_is_a_clear_error_after_bounded_retries():
+    url = f"http://127.0.0.1:{free_port(1)}"
+    with pytest.raises(lst.LabelStudioError, match="unreachable after 3 attempts"):
+        lst.connect(url, token="x" * 40, attempts=3)
+
+
+def test_wrong_token_is_an_auth_error_that_never_prints_the_token(label_studio, tmp_path, monkeypatch):
+    secret = "deadbeef" * 5
+    with pytest.raises(lst.LabelStudioError, match="rejected the API token") as info:
+        lst.connect(label_studio, token=secret)
+    assert secret not in str(info.value)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", secret)
+    proc = subprocess.run([sys.executable, "-m", "rmflow", "collect", "--project", PROJECT, "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "rejected the API token" in proc.stdout.splitlines()[-1]
+    assert secret not in proc.stdout + proc.stderr
