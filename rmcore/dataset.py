@@ -163,10 +163,21 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
 
 
 def load_pairs(data_dir: Path) -> datasets.DatasetDict:
-    read_manifest(data_dir)
-    return datasets.load_from_disk(str(Path(data_dir) / "pairs"))
+    return _load_splits(Path(data_dir), "pairs", PAIR_FEATURES)
 
 
 def load_groups(data_dir: Path) -> datasets.DatasetDict:
-    read_manifest(data_dir)
-    return datasets.load_from_disk(str(Path(data_dir) / "groups"))
+    return _load_splits(Path(data_dir), "groups", GROUP_FEATURES)
+
+
+def _load_splits(data_dir: Path, view: str, features: datasets.Features) -> datasets.DatasetDict:
+    """Split by split: `datasets` cannot load back a split saved with zero rows, so an empty one is
+    rebuilt from the schema."""
+    manifest = read_manifest(data_dir)
+    out = {}
+    for split in SPLITS:
+        if manifest["splits" if view == "pairs" else "split_groups"][split] == 0:
+            out[split] = _table([], features)
+        else:
+            out[split] = datasets.load_from_disk(str(data_dir / view / split))
+    return datasets.DatasetDict(out)

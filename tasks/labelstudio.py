@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from itertools import combinations
@@ -184,36 +185,41 @@ def agreement(rankings) -> dict[str, float]:
             "kendall_tau": sum(taus) / len(taus) if taus else float("nan"), "multi_annotated_tasks": len(agree)}
 
 
-def collect_rankings(project: str, out_dir: Path, url: str | None = None) -> dict[str, Any]:
-    """Pulls the project's annotations as `Ranking` records and writes a dataset version under
-    `out_dir/<version>/` when the labels changed. `new_rankings` counts rankings submitted or
-    updated since the previous collect's watermark, which lives in `out_dir/collect_state.json`."""
+def pull_snapshot(project: str, out_dir: Path, url: str | None = None) -> dict[str, Any]:
+    """Fetches every task with its annotations and the label config into a snapshot file named by
+    its content hash (same labels → same file). Returns the snapshot's path and label counts."""
     ls = connect(url)
     project_id = ensure_project(ls, project, 4)
-    label_config = ls.projects.get(id=project_id).label_config
-    state_file = Path(out_dir) / "collect_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"watermark": None}
-    q = Quarantine(f"label-studio:{project}")
-    tasks = pull_tasks(ls, project_id)
-    result: ConversionResult = rankings_from_tasks([(f"task {t.get('id')}", t) for t in tasks], q,
-                                                   LabelConfig.from_xml(label_config), source=f"label-studio:{project}")
+    snapshot = {"project": project, "label_config": ls.projects.get(id=project_id).label_config,
+                "tasks": pull_tasks(ls, project_id)}
+    blob = json.dumps(snapshot, sort_keys=True).encode()
+    path = Path(out_dir) / "snapshots" / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    return {"snapshot": str(path), "annotations": sum(len(t.get("annotations") or []) for t in snapshot["tasks"])}
+
+
+def dataset_from_snapshot(snapshot_path: Path, out_dir: Path, watermark: str | None) -> dict[str, Any]:
+    """Converts a snapshot into `out_dir/<version>/` (reused when that version exists) and counts
+    the rankings submitted or updated after `watermark`."""
+    snapshot = json.loads(Path(snapshot_path).read_text())
+    source = f"label-studio:{snapshot['project']}"
+    q = Quarantine(source)
+    tasks = [(f"task {t.get('id')}", t) for t in snapshot["tasks"]]
+    result: ConversionResult = rankings_from_tasks(tasks, q, LabelConfig.from_xml(snapshot["label_config"]), source)
     result.quarantined = q.records
-    watermark = state["watermark"]
     new = [r for r in result.rankings if watermark is None or (r.timestamp or "") > watermark]
-    stamps = [r.timestamp for r in result.rankings if r.timestamp] + [watermark or ""]
-    options = {"kind": "label-studio", "project": project}
     version_dir = None
     if result.rankings:
-        staging = Path(out_dir) / ".collect-staging"
-        manifest = write_preference_dataset(result, staging, options)
+        staging = Path(out_dir) / ".staging-dataset"
+        manifest = write_preference_dataset(result, staging, {"kind": "label-studio", "project": snapshot["project"]})
         version_dir = Path(out_dir) / manifest["version"]
         if version_dir.exists():
-            import shutil
-
             shutil.rmtree(staging)
         else:
             staging.rename(version_dir)
-    summary = {
+    stamps = [r.timestamp for r in result.rankings if r.timestamp] + [watermark or ""]
+    return {
         "new_rankings": len(new), "total_rankings": len(result.rankings), "quarantined": len(result.quarantined),
         "cancelled": result.cancelled, "superseded": result.superseded, "watermark": max(stamps) or None,
         "previous_watermark": watermark, "dataset": str(version_dir) if version_dir else None,
@@ -223,7 +229,15 @@ def collect_rankings(project: str, out_dir: Path, url: str | None = None) -> dic
         "quarantine_reasons": [asdict(x)["reason"] for x in result.quarantined][:20],
         **agreement(result.rankings),
     }
-    return summary
+
+
+def collect_rankings(project: str, out_dir: Path, url: str | None = None) -> dict[str, Any]:
+    """Snapshot + dataset, with the watermark kept in `out_dir/collect_state.json` (the CLI's
+    bookkeeping; flows keep theirs in a Prefect Variable)."""
+    state_file = Path(out_dir) / "collect_state.json"
+    watermark = json.loads(state_file.read_text())["watermark"] if state_file.is_file() else None
+    snap = pull_snapshot(project, out_dir, url)
+    return dataset_from_snapshot(Path(snap["snapshot"]), out_dir, watermark) | snap
 
 
 def commit_watermark(out_dir: Path, watermark: str | None) -> None:

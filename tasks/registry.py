@@ -24,6 +24,7 @@ from rmcore.dataset import read_manifest
 from rmcore.evaluate import group_rows
 from rmcore.gate import evaluate_gate
 from rmcore.paths import mlflow_artifact_root, mlflow_tracking_uri
+from rmcore.records import content_hash
 from rmcore.report import add_probes, evaluate_rows, write_report
 from rmcore.scoring import RewardScorer, resolve_model_uri
 
@@ -91,14 +92,14 @@ def log_training_run(cfg: RunConfig, summary: dict[str, Any], data_dir: Path, mo
         dataset = mlflow.data.from_pandas(pairs, source=str(Path(data_dir).resolve()), name=f"preferences-{manifest['version']}",
                                           digest=manifest["version"])
         mlflow.log_input(dataset, context="training")
-        _write_lineage(model_dir, run.info.run_id, manifest["version"], watermark)
+        _write_lineage(model_dir, run.info.run_id, manifest["version"], watermark, content_hash(cfg.model_dump(mode="json")))
         _log_pyfunc(model_dir)
         return run.info.run_id
 
 
-def _write_lineage(model_dir: Path, run_id: str, dataset_version: str, watermark: str | None) -> None:
+def _write_lineage(model_dir: Path, run_id: str, dataset_version: str, watermark: str | None, config_hash: str) -> None:
     (Path(model_dir) / LINEAGE_FILE).write_text(json.dumps({"run_id": run_id, "dataset_version": dataset_version,
-                                                            "label_watermark": watermark}))
+                                                            "label_watermark": watermark, "config_hash": config_hash}))
 
 
 def _lineage(model_dir: Path) -> dict[str, Any]:
@@ -134,8 +135,20 @@ def register_model(client: MlflowClient, model_dir: Path, name: str) -> tuple[st
             mlflow.set_tags({"rmflow.kind": "register", "git_commit": git_commit()})
     mv = mlflow.register_model(info.model_uri, name, tags={
         "model_sha256": digest, "dataset_version": lineage.get("dataset_version") or "unknown",
-        "label_watermark": str(lineage.get("label_watermark") or "none"), "run_id": run.info.run_id})
+        "label_watermark": str(lineage.get("label_watermark") or "none"), "run_id": run.info.run_id,
+        "config_hash": lineage.get("config_hash") or "unknown"})
     return str(mv.version), True
+
+
+def find_version(name: str, dataset_version: str, config_hash: str) -> str | None:
+    """The registered version trained on this dataset version with this run config, if any."""
+    client = configure_mlflow()
+    if not client.search_registered_models(filter_string=f"name='{name}'"):
+        return None
+    for v in client.search_model_versions(f"name='{name}'"):
+        if v.tags.get("dataset_version") == dataset_version and v.tags.get("config_hash") == config_hash:
+            return str(v.version)
+    return None
 
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
