@@ -110,17 +110,23 @@ def trl_accuracy(model, tokenizer, test, max_length: int, device: str) -> float:
     return float((np.array(diffs) > 0).mean())
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(doc: str, datasets: str) -> argparse.ArgumentParser:
+    """The arguments every training benchmark shares."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    parser.add_argument("--datasets", default="hh-rlhf,qa-feedback")
+    parser.add_argument("--datasets", default=datasets)
     parser.add_argument("--backbone", default="minilm")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--pairs-per-step", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--limit", type=int, default=None, help="Use only the first N records of each dataset.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common_args(__doc__, "hh-rlhf,qa-feedback")
+    parser.add_argument("--pairs-per-step", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--limit", type=int, default=None, help="Use only the first N records of each dataset.")
     args = parser.parse_args(argv)
     if not args.shared.is_dir():
         raise SystemExit(f"shared data not found at {args.shared}; pass --shared")

@@ -125,7 +125,8 @@ def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]
     promoted = evaluate_and_promote(trained["model_dir"], params.model_name, labels["dataset"], params.gate)
     Variable.set(watermark_variable(params.project), labels["watermark"], overwrite=True)
     return {"skipped": False, "dataset_version": labels["version"], **_labels_summary(labels), **trained,
-            **{k: promoted[k] for k in ("version", "passed", "reasons", "champion_version", "metrics")}}
+            **{k: promoted[k] for k in ("version", "passed", "reasons", "champion_version", "metrics")},
+            "gate_checks": [c["check"] for c in promoted["gate"]]}
 
 
 def _labels_summary(labels: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,14 @@ GROUP_FEATURES = datasets.Features(
 )
 
 
+STRENGTH_FEATURES = datasets.Features({
+    **GROUP_FEATURES,
+    "strengths": datasets.Sequence(datasets.Value("float32")),
+    "strength_std": datasets.Sequence(datasets.Value("float32")),
+    "smoothing": datasets.Sequence(datasets.Value("float32")),
+})
+
+
 def split_of(prompt: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split from the prompt text's hash."""
     u = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2**64
@@ -168,6 +176,28 @@ def load_pairs(data_dir: Path) -> datasets.DatasetDict:
 
 def load_groups(data_dir: Path) -> datasets.DatasetDict:
     return _load_splits(Path(data_dir), "groups", GROUP_FEATURES)
+
+
+def write_derived_dataset(data_dir: Path, out_dir: Path, train_rows: list[dict[str, Any]], derivation: dict[str, Any]) -> dict[str, Any]:
+    """A new dataset version from `data_dir` whose train groups are replaced by `train_rows`
+    (which may carry per-pair strength columns); validation and test are kept as they are.
+    The version hashes the parent version, the derivation and the new train rows."""
+    parent = read_manifest(data_dir)
+    groups = load_groups(data_dir)
+    fill = {"strengths": [], "strength_std": [], "smoothing": []}
+    rows = {"train": train_rows, **{s: [{**fill, **r} for r in groups[s].to_list()] for s in ("validation", "test")}}
+    version = content_hash({"parent": parent["version"], "derivation": derivation, "train": train_rows})[:16]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets.DatasetDict({s: _table(r, STRENGTH_FEATURES) for s, r in rows.items()}).save_to_disk(str(out_dir / "groups"))
+    pairs = {s: [{"prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": g["completions"][w], "rejected": g["completions"][l],
+                  "margin": m, "weight": 1.0, "group_id": g["group_id"], "annotator": g["annotator"]}
+                 for g in r for (w, l), m in zip(g["pairs"], g["margins"])] for s, r in rows.items()}
+    datasets.DatasetDict({s: _table(p, PAIR_FEATURES) for s, p in pairs.items()}).save_to_disk(str(out_dir / "pairs"))
+    manifest = {**parent, "version": version, "parent_version": parent["version"], "derivation": derivation,
+                "splits": {s: len(p) for s, p in pairs.items()}, "split_groups": {s: len(r) for s, r in rows.items()},
+                "created_at": datetime.now(timezone.utc).isoformat()}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def _load_splits(data_dir: Path, view: str, features: datasets.Features) -> datasets.DatasetDict:

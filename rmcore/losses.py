@@ -55,8 +55,8 @@ def _pair_diffs(rewards: torch.Tensor, idx: PairIndex, cfg: LossConfig, use_data
     diff = rewards[idx.chosen] - rewards[idx.rejected]
     if use_data_margin:
         diff = diff - cfg.margin_scale * idx.margin
-    if cfg.adaptive_margin:
-        diff = diff - cfg.adaptive_margin * idx.strength
+    if cfg.adaptive_margin:  # a pair the ensemble doubts gets no margin, not a negative one
+        diff = diff - cfg.adaptive_margin * idx.strength.clamp_min(0)
     return diff
 
 

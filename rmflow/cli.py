@@ -2,6 +2,7 @@
 as one JSON object on the last stdout line (rich output for humans goes to stderr)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -264,17 +265,16 @@ def ls_seed(
     project: str = typer.Option(..., help="Project title (created if missing)."),
     synthetic: int = typer.Option(0, help="Import N synthetic prompts with a hidden gold reward."),
     k: int = typer.Option(4, help="Responses per prompt."),
-    from_file: Optional[Path] = typer.Option(None, "--from", help="JSONL of {prompt, responses[], order?[]}."),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="JSONL of {prompt, responses[], order?[]}, or a "
+                                             "dataset's rankings.jsonl (annotators then replay the human orders)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Create the ranking project and import tasks (re-importing the same content adds nothing)."""
-    import json as _json
-
     from rmcore.synthetic import synthetic_items
     from tasks import labelstudio as lst
 
     if from_file:
-        items = [_json.loads(line) for line in from_file.read_text().splitlines() if line.strip()]
+        items = lst.items_from_file(from_file)
     else:
         items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(synthetic, k, seed)]
     try:
@@ -324,6 +324,95 @@ def collect(
     emit(summary)
 
 
+@app.command()
+def up(label_studio: bool = typer.Option(True, help="Also start Label Studio.")) -> None:
+    """Start the local stack (Prefect server, MLflow server, Label Studio) on 127.0.0.1."""
+    from infra import stack
+
+    try:
+        result = stack.up(label_studio)
+    except RuntimeError as e:
+        fail(str(e))
+    for name, svc in result.items():
+        console.print(f"{name:12} {svc['url']}")
+    emit(result)
+
+
+@app.command()
+def down() -> None:
+    """Stop the services rmflow started (and nothing else)."""
+    from infra import stack
+
+    emit(stack.down())
+
+
+@app.command()
+def status() -> None:
+    """Which local services run, and where."""
+    from infra import stack
+
+    emit(stack.status())
+
+
+@app.command()
+def serve(
+    project: str = typer.Option("rmflow-rankings", help="Label Studio project to watch."),
+    model_name: str = typer.Option("rmflow-reward", help="Registered model name."),
+    min_new_labels: int = typer.Option(20, help="New annotations that trigger a retrain."),
+    interval: int = typer.Option(300, help="Seconds between label-sensor runs."),
+    workers: int = typer.Option(1, help="Ray Train workers for each training."),
+) -> None:
+    """Register and serve the pipeline and label-sensor deployments on the Prefect server."""
+    from flows.deploy import serve_deployments
+    from flows.pipeline import PipelineParams
+    from infra import stack
+
+    api = stack.use_local_prefect()
+    if not api:
+        fail("no Prefect server: run `rmflow up` or set PREFECT_API_URL")
+    console.print(f"serving reward-pipeline and label-sensor on {api} (Ctrl-C stops)")
+    serve_deployments(PipelineParams(project=project, model_name=model_name, run={"scale": {"workers": workers}}),
+                      min_new_labels, interval)
+
+
+@app.command()
+def demo(
+    prompts: int = typer.Option(60, help="Synthetic prompts labelled before the first training."),
+    more: int = typer.Option(30, help="Prompts labelled afterwards, to trigger the retrain."),
+    workers: int = typer.Option(2, help="Ray Train workers."),
+) -> None:
+    """End to end on a fresh machine: Label Studio + simulated annotators → Prefect pipeline →
+    Ray training → MLflow registry, gate and champion; then new labels trigger a gated retrain."""
+    from flows.demo import run_demo
+
+    result = run_demo(prompts, more, workers=workers, say=lambda m: console.print(f"[bold cyan]demo[/] {m}"))
+    console.print(f"\n[bold]champion[/]: {result['model_uri']} (version {result['champion_version']})")
+    for name, url in result["urls"].items():
+        console.print(f"  {name:13} {url}")
+    console.print(f"  score it:     rmflow score --model {result['model_uri']} --prompt '...' --response '...'")
+    emit(result)
+
+
+bench_app = typer.Typer(help="Benchmarks that print numbers (JSON lines); ratios are measured in one process.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_train(ctx: typer.Context) -> None:
+    """rmflow vs TRL's RewardTrainer on the shared data (see `python -m bench.train_vs_trl --help`)."""
+    from bench.train_vs_trl import main as run
+
+    run(ctx.args)
+
+
+@bench_app.command("secrets", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_secrets(ctx: typer.Context) -> None:
+    """bt vs margin vs flip+margin vs soft+margin with an ensemble (see `python -m bench.secrets --help`)."""
+    from bench.secrets import main as run
+
+    run(ctx.args)
+
+
 def _fractions(spec: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in spec.split(","))
@@ -335,6 +424,8 @@ def _fractions(spec: str) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    # no telemetry from Prefect's server or client: this machine has no internet and wants none
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
 
 

@@ -118,6 +118,23 @@ def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], 
     return {"imported": len(new), "skipped": len(items) - len(new)}
 
 
+def items_from_file(path: Path) -> list[dict[str, Any]]:
+    """Tasks to import from JSONL: `{prompt, responses[], gold?[], order?[]}` lines, or the
+    `rankings.jsonl` of a converted dataset, whose human orders simulated annotators then replay
+    (ties are replayed in their listed order)."""
+    items = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "completions" in rec and "order" in rec:
+            ids = [c["id"] for c in rec["completions"]]
+            rec = {"prompt": rec["prompt"], "responses": [c["text"] for c in rec["completions"]],
+                   "order": [ids.index(i) for block in rec["order"] for i in block]}
+        items.append(rec)
+    return items
+
+
 def ranker_result(order: list[str]) -> list[dict[str, Any]]:
     return [{"from_name": RANKER_NAME, "to_name": LIST_NAME, "type": "ranker", "value": {"ranker": {RANKER_NAME: order}}}]
 

@@ -35,10 +35,19 @@ def run_training(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
+    strength: dict[str, Any] = {}
+    if cfg.strength.ensemble:
+        from rmcore.strength import final_run_config
+        from tasks.strength import build_strength_dataset
+
+        data_dir, strength = build_strength_dataset(cfg, data_dir)
+        cfg = final_run_config(cfg)
     if cfg.scale.workers <= 1:
         ctx = WorkerContext(device=resolve_device(cfg.device))
-        return train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
-    return run_ray_training(cfg, data_dir, out_dir)
+        summary = train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
+    else:
+        summary = run_ray_training(cfg, data_dir, out_dir)
+    return summary | ({"strength": strength, "data_dir": str(data_dir)} if strength else {})
 
 
 def init_ray(address: str | None) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 SHARED_DATA = Path(os.environ.get("RMFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -75,3 +75,24 @@ def test_wrong_token_is_an_auth_error_that_never_prints_the_token(label_studio, 
     assert proc.returncode != 0
     assert "rejected the API token" in proc.stdout.splitlines()[-1]
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_simulated_annotators_replay_real_human_orders(label_studio, shared_data, tmp_path):
+    from rmcore.converters import convert_file
+    from rmcore.dataset import write_preference_dataset
+
+    result = convert_file("qa-feedback", shared_data / "qa-feedback" / "dev_feedback_400.json")
+    result.rankings = result.rankings[:5]
+    write_preference_dataset(result, tmp_path / "ds", {"kind": "qa-feedback"})
+    items = lst.items_from_file(tmp_path / "ds" / "rankings.jsonl")
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, "replay-test", 4)
+    lst.import_tasks(ls, project_id, items)
+    lst.simulate_annotators(project_id, annotators=1)
+    collected = lst.collect_rankings("replay-test", tmp_path / "labels")
+    assert collected["total_rankings"] == 5
+    replayed = [json.loads(line) for line in (tmp_path / "labels" / collected["version"] / "rankings.jsonl").read_text().splitlines()]
+    human = {r.prompt: [r.text_of(i) for block in r.order for i in block] for r in result.rankings}
+    for r in replayed:
+        texts = {c["id"]: c["text"] for c in r["completions"]}
+        assert [texts[i] for block in r["order"] for i in block] == human[r["prompt"]]

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from rmcore.records import (
+    Completion,
     Judgement,
     PreferencePair,
     QuarantinedRecord,
     RankedGroup,
     Ranking,
+    text_id,
 )
 
 
@@ -88,6 +90,16 @@ def validate_ranking(r: Ranking, allow_empty_completion: bool = False) -> Rankin
         if j.a not in ids or j.b not in ids:
             raise InvalidRecord(f"judgement names unknown completion ids {j.a!r}, {j.b!r}")
     return r
+
+
+def pairwise_ranking(prompt: str, chosen: str, rejected: str, annotator: str, source: str, allow_empty: bool = False) -> Ranking:
+    """The K=2 ranking of one strict preference, validated."""
+    if chosen == rejected:
+        raise InvalidRecord("chosen and rejected responses are identical")
+    ranking = Ranking(prompt_id=text_id(prompt), prompt=prompt,
+                      completions=[Completion("chosen", chosen), Completion("rejected", rejected)],
+                      order=[["chosen"], ["rejected"]], annotator=annotator, source=source)
+    return validate_ranking(ranking, allow_empty_completion=allow_empty)
 
 
 def copeland_order(ids: list[str], judgements: list[Judgement]) -> list[list[str]]:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmcore.converters.common import (
-    InvalidRecord,
-    require_text,
-    validate_ranking,
-)
-from rmcore.records import Completion, Ranking, text_id
+from rmcore.converters.common import InvalidRecord, pairwise_ranking, require_text
+from rmcore.records import Ranking
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -38,15 +34,5 @@ def ranking_from_hh_record(record: Any, source: str = "hh-rlhf") -> Ranking:
     prompt_r, rejected = split_dialogue(record["rejected"])
     if prompt != prompt_r:
         raise InvalidRecord("chosen and rejected do not share the dialogue before the last turn")
-    if chosen == rejected:
-        raise InvalidRecord("chosen and rejected final turns are identical")
-    ranking = Ranking(
-        prompt_id=text_id(prompt),
-        prompt=prompt,
-        completions=[Completion("chosen", chosen), Completion("rejected", rejected)],
-        order=[["chosen"], ["rejected"]],
-        annotator=str(record.get("annotator", "hh-rlhf")),
-        source=source,
-    )
-    return validate_ranking(ranking, allow_empty_completion=True)
+    return pairwise_ranking(prompt, chosen, rejected, str(record.get("annotator", "hh-rlhf")), source, allow_empty=True)
 

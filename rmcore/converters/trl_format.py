@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmcore.converters.common import (
-    InvalidRecord,
-    require_text,
-    validate_ranking,
-)
+from rmcore.converters.common import InvalidRecord, pairwise_ranking, require_text
 from rmcore.converters.hh_rlhf import split_dialogue
-from rmcore.records import Completion, Ranking, text_id
+from rmcore.records import Ranking
 
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -60,15 +56,5 @@ def ranking_from_trl_record(record: Any, source: str = "trl") -> Ranking:
         prompt_r, rejected = split_dialogue(_as_text(record["rejected"], "rejected"))
         if prompt != prompt_r:
             raise InvalidRecord("implicit prompt: chosen and rejected do not share a prefix")
-    if chosen == rejected:
-        raise InvalidRecord("chosen and rejected are identical")
-    ranking = Ranking(
-        prompt_id=text_id(prompt),
-        prompt=prompt,
-        completions=[Completion("chosen", chosen), Completion("rejected", rejected)],
-        order=[["chosen"], ["rejected"]],
-        annotator=str(record.get("annotator", "trl")),
-        source=source,
-    )
-    return validate_ranking(ranking)
+    return pairwise_ranking(prompt, chosen, rejected, str(record.get("annotator", "trl")), source)
 

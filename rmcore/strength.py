@@ -1,0 +1,69 @@
+"""Preference strength and what to do with it ("Secrets of RLHF", Part II).
+
+An ensemble of M reward models, trained on the same data with different seeds and data orders,
+scores every training pair; the strength of a pair is the mean (and std) over members of
+r_chosen - r_rejected. Low-strength pairs — negative mean: the ensemble disagrees with the label —
+are the likely label noise. Strategies:
+- flip: swap chosen and rejected of the selected pairs;
+- soft: label smoothing `soft_alpha` on the selected pairs only;
+- margin: adaptive margin = margin_coef × max(mean strength, 0) on every pair;
+- flip+margin, soft+margin: both.
+Pairs are selected by mean strength below `flip_below`, or the bottom `flip_fraction` when set.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from rmcore.config import RunConfig, StrengthConfig
+
+
+def strength_stats(member_diffs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) over ensemble members of each pair's reward difference."""
+    stacked = np.stack(member_diffs)
+    return stacked.mean(0), stacked.std(0)
+
+
+def low_strength_mask(mean: np.ndarray, cfg: StrengthConfig) -> np.ndarray:
+    if cfg.flip_fraction > 0:
+        k = int(round(cfg.flip_fraction * len(mean)))
+        mask = np.zeros(len(mean), dtype=bool)
+        mask[np.argsort(mean, kind="stable")[:k]] = True
+        return mask
+    return mean < cfg.flip_below
+
+
+def apply_strategy(rows: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray, cfg: StrengthConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """New group rows with the strategy applied; `mean`/`std` follow the rows' pairs in order.
+    Adds per-pair columns `strengths` (mean strength of the pair as now oriented), `strength_std`
+    and `smoothing`."""
+    strategy = cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy.value
+    selected = low_strength_mask(mean, cfg)
+    flip, soft = strategy.startswith("flip"), strategy.startswith("soft")
+    out, n = [], 0
+    for row in rows:
+        row = copy.deepcopy(row)
+        k = len(row["pairs"])
+        sel, m = selected[n:n + k], mean[n:n + k].astype(float)
+        if flip:
+            row["pairs"] = [[l, w] if s else [w, l] for (w, l), s in zip(row["pairs"], sel)]
+            m = np.where(sel, -m, m)
+        row["strengths"] = m.tolist()
+        row["strength_std"] = std[n:n + k].astype(float).tolist()
+        row["smoothing"] = [cfg.soft_alpha if (soft and s) else 0.0 for s in sel]
+        out.append(row)
+        n += k
+    counts = {"pairs": int(len(mean)), "low_strength": int(selected.sum()), "flipped": int(selected.sum()) if flip else 0,
+              "smoothed": int(selected.sum()) if soft else 0, "negative_mean": int((mean < 0).sum())}
+    return out, counts
+
+
+def final_run_config(cfg: RunConfig) -> RunConfig:
+    """The run config for the model trained on strength-annotated data: strategies with a margin
+    turn on the loss's adaptive margin."""
+    strategy = cfg.strength.strategy if isinstance(cfg.strength.strategy, str) else cfg.strength.strategy.value
+    if not strategy.endswith("margin"):
+        return cfg
+    return cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"adaptive_margin": cfg.strength.margin_coef})})
