@@ -33,26 +33,29 @@ def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
 
     from tasks.strength import build_strength_dataset
 
-    rankings = synthetic_rankings(synthetic_items(240, k=2, seed=4), annotators=1, noise=0.0, seed=5)
-    planted = set(range(0, len(rankings), 7))  # ~14% of pairs flipped on purpose
+    rankings = synthetic_rankings(synthetic_items(300, k=4, seed=4), annotators=1, noise=0.0, seed=5)
+    planted = set(range(0, len(rankings), 7))  # ~14% of rankings reversed on purpose
     noisy = [Ranking(r.prompt_id, r.prompt, r.completions, list(reversed(r.order)), r.annotator, r.source)
              if i in planted else r for i, r in enumerate(rankings)]
     data = tmp_path / "ds"
     write_preference_dataset(ConversionResult(rankings=noisy), data, {"kind": "planted"})
     planted_prompts = {noisy[i].prompt for i in planted}
+    # one epoch, as in the paper: members trained longer memorise the planted flips
     cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 96},
-                                    "optim": {"lr": 3e-3, "epochs": 3},
+                                    "optim": {"lr": 3e-3, "epochs": 1},
                                     "strength": {"ensemble": 3, "strategy": "flip", "flip_fraction": 0.14}})
     out, counts = build_strength_dataset(cfg, data, tmp_path)
     before = load_groups(data)["train"].to_list()
     after = load_groups(out)["train"].to_list()
-    is_planted = np.array([r["prompt"] in planted_prompts for r in before])
+    is_planted = np.array([r["prompt"] in planted_prompts for r in before for _ in r["pairs"]])
     # strengths are stored as now oriented; recover the ensemble's view of the original labels
-    original = np.array([s if a["pairs"] == b["pairs"] else -s for a, b in zip(after, before) for s in a["strengths"]])
+    original = np.array([s if pa == pb else -s for a, b in zip(after, before)
+                         for s, pa, pb in zip(a["strengths"], a["pairs"], b["pairs"])])
     assert mannwhitneyu(original[is_planted], original[~is_planted], alternative="less").pvalue < 1e-3
-    flipped = np.array([a["pairs"] != b["pairs"] for a, b in zip(after, before)])
+    flipped = np.array([pa != pb for a, b in zip(after, before) for pa, pb in zip(a["pairs"], b["pairs"])])
     assert flipped.sum() == counts["flipped"] > 0
-    assert (flipped & is_planted).sum() / flipped.sum() > 0.5  # most flips undo planted noise
+    precision = (flipped & is_planted).sum() / flipped.sum()
+    assert precision > 2.5 * is_planted.mean()  # flips land on planted noise far above its base rate
     from rmcore.dataset import read_manifest
 
     assert read_manifest(out)["parent_version"] == read_manifest(data)["version"] != counts["dataset_version"]
