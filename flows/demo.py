@@ -22,13 +22,20 @@ def demo_params(workers: int) -> PipelineParams:
 
 def run_demo(first: int = 60, more: int = 30, annotators: int = 2, workers: int = 2,
              say: Callable[[str], None] = print) -> dict[str, Any]:
-    from infra import labelstudio, stack
-    from rmcore.synthetic import synthetic_items
-    from tasks import labelstudio as lst
+    from infra import stack
 
     say("starting the local stack (Prefect server, MLflow UI, Label Studio) …")
     services = stack.up()
-    stack.use_local_prefect()
+    with stack.using_prefect(stack.prefect_api_url()):
+        return _demo_steps(services, first, more, annotators, workers, say)
+
+
+def _demo_steps(services: dict[str, Any], first: int, more: int, annotators: int, workers: int,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    from infra import labelstudio
+    from rmcore.synthetic import synthetic_items
+    from tasks import labelstudio as lst
+
     ls = lst.connect(services["labelstudio"]["url"])
     project_id = lst.ensure_project(ls, PROJECT, 4)
     items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(first + more, 4, seed=11)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +87,22 @@ def status() -> dict[str, Any]:
     return out
 
 
-def use_local_prefect() -> str | None:
-    """Points this process at the local Prefect server when PREFECT_API_URL is unset; returns the API URL."""
+def prefect_api_url() -> str | None:
+    """PREFECT_API_URL, else the API of the Prefect server `rmflow up` started, else None."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     state = prefect_service().state()
-    if state and state.get("url"):
-        os.environ["PREFECT_API_URL"] = f"{state['url']}/api"
-        return os.environ["PREFECT_API_URL"]
-    return None
+    return f"{state['url']}/api" if state and state.get("url") else None
+
+
+@contextmanager
+def using_prefect(api_url: str | None) -> Iterator[None]:
+    """Runs the block against `api_url`. Prefect caches its settings on first use, so setting the
+    environment variable later has no effect; its own settings context does."""
+    if not api_url:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield

@@ -367,12 +367,13 @@ def serve(
     from flows.pipeline import PipelineParams
     from infra import stack
 
-    api = stack.use_local_prefect()
+    api = stack.prefect_api_url()
     if not api:
         fail("no Prefect server: run `rmflow up` or set PREFECT_API_URL")
     console.print(f"serving reward-pipeline and label-sensor on {api} (Ctrl-C stops)")
-    serve_deployments(PipelineParams(project=project, model_name=model_name, run={"scale": {"workers": workers}}),
-                      min_new_labels, interval)
+    with stack.using_prefect(api):
+        serve_deployments(PipelineParams(project=project, model_name=model_name, run={"scale": {"workers": workers}}),
+                          min_new_labels, interval)
 
 
 @app.command()
