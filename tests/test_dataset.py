@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rmcore.converters.common import ConversionResult
 from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset
 from rmcore.synthetic import synthetic_items, synthetic_rankings
@@ -76,3 +78,16 @@ def test_cli_convert_quarantine_file_and_strict_exit(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0
     assert "line 2: missing field 'chosen'" in json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+
+
+def test_cli_last_line_is_strict_json_even_with_nan():
+    import io
+    from contextlib import redirect_stdout
+
+    from rmflow.output import emit
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        emit({"accuracy": float("nan"), "nested": {"x": [float("inf"), 1.0]}})
+    assert json.loads(buf.getvalue(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == {
+        "accuracy": None, "nested": {"x": [None, 1.0]}}
