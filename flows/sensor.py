@@ -19,13 +19,12 @@ PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
 def count_new_annotations(project: str, watermark: str | None) -> int:
-    from tasks.labelstudio import connect, ensure_project
+    from tasks.labelstudio import connect, ensure_project, pull_tasks
 
     ls = connect()
-    project_id = ensure_project(ls, project, 4)
     count = 0
-    for t in ls.tasks.list(project=project_id, fields="all"):
-        for a in t.annotations or []:
+    for t in pull_tasks(ls, ensure_project(ls, project, 4)):
+        for a in t.get("annotations") or []:
             stamp = a.get("updated_at") or a.get("created_at") or ""
             if not a.get("was_cancelled") and (watermark is None or stamp > watermark):
                 count += 1

@@ -175,7 +175,6 @@ class Batch:
     seqs: list[list[int]]
     index: PairIndex
     num_pairs: int
-    group_ids: list[int]
 
 
 def collate(groups: list[EncodedGroup]) -> Batch:
@@ -203,7 +202,7 @@ def collate(groups: list[EncodedGroup]) -> Batch:
         rank_seq=rank_seq,
         rank_block=rank_block,
     )
-    return Batch(seqs, index, len(cols["chosen"]), [g.index for g in groups])
+    return Batch(seqs, index, len(cols["chosen"]))
 
 
 def pad_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:

@@ -82,14 +82,6 @@ class Ranking:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Ranking:
-        d = dict(d)
-        d["completions"] = [Completion(**c) for c in d["completions"]]
-        if d.get("judgements") is not None:
-            d["judgements"] = [Judgement(**j) for j in d["judgements"]]
-        return cls(**d)
-
 
 @dataclass(frozen=True)
 class PreferencePair:

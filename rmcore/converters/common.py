@@ -37,13 +37,6 @@ class ConversionResult:
     superseded: int = 0
     sources: list[Path] = field(default_factory=list)
 
-    def extend(self, other: ConversionResult) -> None:
-        self.rankings += other.rankings
-        self.quarantined += other.quarantined
-        self.cancelled += other.cancelled
-        self.superseded += other.superseded
-        self.sources += other.sources
-
 
 class Quarantine:
     """Collects invalid records; in strict mode the first one raises."""
