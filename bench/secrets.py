@@ -2,21 +2,25 @@
 
 Per dataset (qa-feedback K=4, hh-rlhf), same backbone and per-model budget, test split:
   bt · margin · flip+margin · soft+margin   (strategies use one ensemble of M models)
-One JSON line per (dataset, strategy) with accuracy and its 95% bootstrap CI over test pairs.
+One JSON line per (dataset, strategy): accuracy and its 95% bootstrap CI over the test pairs, the
+same over validation+test pooled (no model selection uses validation, so both are held out), and
+test accuracy per decile of the ensemble's held-out strength. One line per dataset for the ensemble
+itself (negative-strength share, its own held-out accuracy).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.train_vs_trl import common_args, prepare
-from rmcore.config import RunConfig
-from rmcore.evaluate import evaluate_saved_model
-from tasks.strength import ensemble_strengths, write_strength_dataset
+from bench.train_vs_trl import common_args, emit, prepare
+from rmcore.config import RunConfig, StrengthConfig
+from rmcore.report import evaluate_rows
+from rmcore.scoring import RewardScorer
+from rmcore.strength import final_run_config
+from tasks.strength import ensemble_strengths, strength_rows, write_strength_dataset
 from tasks.train import run_training
 
 STRATEGIES = ("bt", "margin", "flip+margin", "soft+margin")
@@ -28,16 +32,27 @@ def bootstrap_ci(correct: np.ndarray, resamples: int = 2000, seed: int = 0) -> t
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def held_out(model_dir: Path, data: Path) -> dict[str, Any]:
-    metrics, diffs = evaluate_saved_model(model_dir, data, "test")
-    low, high = bootstrap_ci((diffs > 0).astype(float))
-    return {"accuracy": metrics["accuracy"], "ci95": [round(low, 4), round(high, 4)], "test_pairs": metrics["n"]}
+def held_out(scorer: RewardScorer, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ev = evaluate_rows(scorer, rows)
+    low, high = bootstrap_ci(ev.correct.astype(float))
+    return {"accuracy": round(ev.metrics["accuracy"], 4), "ci95": [round(low, 4), round(high, 4)], "pairs": ev.metrics["n"],
+            "by_strength_decile": {k: round(v["accuracy"], 3) for k, v in ev.metrics.get("accuracy_by_strength_decile", {}).items()}}
+
+
+def ensemble_row(kind: str, ensemble: dict[str, Any]) -> dict[str, Any]:
+    """What the ensemble itself says: the share of train pairs it disagrees with, and its own
+    held-out accuracy as a reward model (mean strength > 0)."""
+    train, test = ensemble["splits"]["train"]["mean"], ensemble["splits"]["test"]["mean"]
+    return {"dataset": kind, "strategy": "ensemble-mean", "members": len(ensemble["members"]),
+            "member_val_accuracy": [round(a, 4) for a in ensemble["member_val_accuracy"]],
+            "negative_strength_fraction": round(float((train < 0).mean()), 4), "test_accuracy": round(float((test > 0).mean()), 4)}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = common_args(__doc__, "qa-feedback,hh-rlhf")
     p.add_argument("--ensemble", type=int, default=3)
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--sequential", action="store_true", help="Train ensemble members one after another in-process.")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -45,29 +60,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             data = prepare(kind, args.shared, Path(work), args.limit)
             base = {"model": {"backbone": args.backbone, "max_length": args.max_length},
                     "optim": {"lr": args.lr, "epochs": args.epochs}}
-            ensemble = ensemble_strengths(RunConfig.model_validate({**base, "strength": {"ensemble": args.ensemble}}), data)
+            strength = {"ensemble": args.ensemble, "parallel": not args.sequential}
+            ensemble = ensemble_strengths(RunConfig.model_validate({**base, "strength": strength}), data)
+            emit(ensemble_row(kind, ensemble))
+            annotated, _ = strength_rows(ensemble, StrengthConfig())
             for strategy in STRATEGIES:
                 loss = "margin" if strategy == "margin" else "bt"
                 cfg = RunConfig.model_validate({**base, "loss": {"name": loss}, "strength": {
-                    "ensemble": args.ensemble, "strategy": strategy if "+" in strategy else "none"}})
+                    **strength, "strategy": strategy if "+" in strategy else "none"}})
                 train_dir, counts = data, {}
                 if "+" in strategy:
-                    from rmcore.strength import final_run_config
-
                     train_dir, counts = write_strength_dataset(cfg, data, ensemble, Path(work))
                     cfg = final_run_config(cfg)
                 cfg = cfg.model_copy(update={"strength": cfg.strength.model_copy(update={"ensemble": 0})})
                 model_dir = Path(work) / f"{kind}-{strategy}"
                 run_training(cfg, train_dir, model_dir)
-                row = {"dataset": kind, "strategy": strategy, "ensemble": args.ensemble, **held_out(model_dir, data),
-                       **{k: counts[k] for k in ("low_strength", "flipped", "smoothed", "negative_mean") if k in counts}}
-                if strategy == "bt":
-                    row["negative_strength_fraction"] = round(float((ensemble["mean"] < 0).mean()), 4)
-                print(json.dumps(row), flush=True)
+                scorer = RewardScorer(model_dir)
+                test = held_out(scorer, annotated["test"])
+                pooled = held_out(scorer, annotated["validation"] + annotated["test"])
+                row = {"dataset": kind, "strategy": strategy, "ensemble": args.ensemble, **{f"test_{k}": v for k, v in test.items()},
+                       **{f"heldout_{k}": v for k, v in pooled.items() if k != "by_strength_decile"},
+                       **{k: counts[k] for k in ("low_strength", "flipped", "smoothed") if k in counts}}
+                emit(row)
                 rows.append(row)
-    best = {k: max((r for r in rows if r["dataset"] == k), key=lambda r: r["accuracy"]) for k in {r["dataset"] for r in rows}}
-    bt = {r["dataset"]: r["accuracy"] for r in rows if r["strategy"] == "bt"}
-    print(json.dumps({k: {"best": v["strategy"], "gain_over_bt": round(v["accuracy"] - bt[k], 4)} for k, v in best.items()}))
+    best = {k: max((r for r in rows if r["dataset"] == k), key=lambda r: r["test_accuracy"]) for k in {r["dataset"] for r in rows}}
+    bt = {r["dataset"]: r for r in rows if r["strategy"] == "bt"}
+    emit({k: {"best": v["strategy"], "test_gain_over_bt": round(v["test_accuracy"] - bt[k]["test_accuracy"], 4),
+              "heldout_gain_over_bt": round(v["heldout_accuracy"] - bt[k]["heldout_accuracy"], 4)} for k, v in best.items()})
     return rows
 
 

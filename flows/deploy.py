@@ -1,10 +1,11 @@
 """Deployments that `rmflow serve` registers and runs: the pipeline (concurrency limit 1, so two
-trainings never overlap) and the label sensor on an interval schedule."""
+trainings never overlap), the label sensor on an interval schedule, and active labelling (run
+from the UI with a strength dataset folder)."""
 from __future__ import annotations
 
 from prefect import serve
 
-from flows.pipeline import PipelineParams, reward_pipeline
+from flows.pipeline import PipelineParams, request_reannotation, reward_pipeline
 from flows.sensor import label_sensor
 
 
@@ -13,4 +14,6 @@ def serve_deployments(params: PipelineParams, min_new_labels: int = 20, interval
                                              concurrency_limit=1, tags=["rmflow"])
     sensor = label_sensor.to_deployment(name="label-sensor", interval=interval_s, tags=["rmflow"],
                                         parameters={"params": params.model_dump(mode="json"), "min_new_labels": min_new_labels})
-    serve(pipeline, sensor)
+    reannotation = request_reannotation.to_deployment(name="request-reannotation", tags=["rmflow"],
+                                                      parameters={"project": params.project, "max_tasks": params.reannotate_max})
+    serve(pipeline, sensor, reannotation)

@@ -1,5 +1,5 @@
 """The reward-model pipeline as Prefect flows: collect → build dataset → train (Ray) → evaluate and
-promote (MLflow). Tasks pass URIs (snapshot file, dataset folder, model folder, `models:/`), never
+promote (MLflow) → with a strength ensemble, send doubtful pairs back for re-annotation. Tasks pass URIs (snapshot file, dataset folder, model folder, `models:/`), never
 objects, and network tasks retry with backoff.
 
 The label watermark lives in the Prefect Variable `rmflow-watermark-<project>` and advances only
@@ -29,6 +29,9 @@ class PipelineParams(BaseModel):
     data_root: str | None = Field(None, description="Where snapshots and dataset versions go (default RMFLOW_HOME/datasets).")
     run: RunConfig = Field(default_factory=RunConfig, description="Training run: backbone, loss, optimiser, Ray workers.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion thresholds.")
+    reannotate_max: int = Field(50, ge=0, description="Active labelling: with a strength ensemble (run.strength.ensemble "
+                                "> 0), send at most this many of the most doubtful pairs back to Label Studio for "
+                                "re-annotation after training (0 = off). Their labels supersede the old ones.")
 
 
 def watermark_variable(project: str) -> str:
@@ -59,10 +62,20 @@ def train_model(run: RunConfig, dataset: str, watermark: str | None) -> dict[str
     from tasks.train import run_training
 
     model_dir = Path(dataset).parent / "models" / f"{Path(dataset).name}-{content_hash(run.model_dump(mode='json'))[:8]}"
-    summary = run_training(run, Path(dataset), model_dir)
-    run_id = log_training_run(run, summary, Path(dataset), model_dir, watermark)
-    return {"model_dir": str(model_dir), "run_id": run_id, "val_accuracy": summary["val_accuracy"],
-            "pairs_trained": summary["pairs_trained"], "workers": summary["workers"], "restarts": summary["restarts"]}
+    summary = run_training(run, Path(dataset), model_dir, track_members=True)
+    trained_on = summary.get("data_dir", dataset)  # the strength-annotated version when an ensemble ran
+    run_id = log_training_run(run, summary, Path(trained_on), model_dir, watermark)
+    strength = {k: v for k, v in summary.get("strength", {}).items() if k != "report_dir"}
+    return {"model_dir": str(model_dir), "run_id": run_id, "val_accuracy": summary["val_accuracy"], "trained_on": str(trained_on),
+            "pairs_trained": summary["pairs_trained"], "workers": summary["workers"], "restarts": summary["restarts"],
+            **({"strength": strength} if strength else {})}
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
+def send_for_reannotation(project: str, strength_dataset: str, max_tasks: int) -> dict[str, Any]:
+    from tasks.labelstudio import request_reannotation
+
+    return request_reannotation(project, Path(strength_dataset), max_tasks)
 
 
 @task(retries=2, retry_delay_seconds=[5, 15])
@@ -73,10 +86,10 @@ def promote_model(model_dir: str, name: str, dataset: str, gate: GateConfig) -> 
 
 
 @task
-def find_trained_version(name: str, dataset_version: str, run: RunConfig) -> str | None:
+def find_trained_version(name: str, label_dataset_version: str, run: RunConfig) -> str | None:
     from tasks.registry import find_version
 
-    return find_version(name, dataset_version, content_hash(run.model_dump(mode="json")))
+    return find_version(name, label_dataset_version, content_hash(run.model_dump(mode="json")))
 
 
 @flow(name="collect-labels")
@@ -106,6 +119,12 @@ def evaluate_and_promote(model_dir: str, name: str, dataset: str, gate: GateConf
     return result
 
 
+@flow(name="request-reannotation")
+def request_reannotation(project: str, strength_dataset: str, max_tasks: int = 50) -> dict[str, Any]:
+    """Active labelling: the strength ensemble's most doubtful pairs go back to annotators."""
+    return send_for_reannotation(project, strength_dataset, max_tasks)
+
+
 @flow(name="reward-pipeline", log_prints=True)
 def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """collect → build dataset → train on Ray → register, evaluate, gate, promote."""
@@ -122,11 +141,15 @@ def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]
         Variable.set(watermark_variable(params.project), labels["watermark"], overwrite=True)
         return {"skipped": True, "version": existing, "dataset_version": labels["version"], **_labels_summary(labels)}
     trained = train_reward_model(params.run, labels["dataset"], labels["watermark"])
-    promoted = evaluate_and_promote(trained["model_dir"], params.model_name, labels["dataset"], params.gate)
+    # the strength-annotated version has the same held-out labels, plus strengths for the report
+    promoted = evaluate_and_promote(trained["model_dir"], params.model_name, trained["trained_on"], params.gate)
+    reannotation = {}
+    if "strength" in trained and params.reannotate_max:
+        reannotation = request_reannotation(params.project, trained["trained_on"], params.reannotate_max)
     Variable.set(watermark_variable(params.project), labels["watermark"], overwrite=True)
     return {"skipped": False, "dataset_version": labels["version"], **_labels_summary(labels), **trained,
             **{k: promoted[k] for k in ("version", "passed", "reasons", "champion_version", "metrics")},
-            "gate_checks": [c["check"] for c in promoted["gate"]]}
+            "gate_checks": [c["check"] for c in promoted["gate"]], **({"reannotation": reannotation} if reannotation else {})}
 
 
 def _labels_summary(labels: dict[str, Any]) -> dict[str, Any]:

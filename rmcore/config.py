@@ -118,6 +118,11 @@ class StrengthConfig(_Strict):
                                  "mean strength (used when > 0).")
     soft_alpha: float = Field(0.3, ge=0, lt=0.5, description="Label smoothing applied to the low-strength pairs.")
     margin_coef: float = Field(1.0, ge=0, description="Adaptive margin = coef × mean strength (clamped at 0).")
+    reannotate_std_quantile: float = Field(0.9, gt=0, le=1, description="Active labelling sends back pairs with "
+                                           "negative mean strength or an ensemble std at or above this quantile.")
+    parallel: bool = Field(True, description="Train the members as concurrent Ray tasks, as many at once as the "
+                           "cluster's CPUs (scale.cpus_per_worker each) or GPUs (scale.use_gpu) allow. Members with "
+                           "scale.workers > 1 train one after another, each on Ray Train.")
 
 
 class GateConfig(_Strict):

@@ -139,6 +139,7 @@ def write_preference_dataset(
         "quarantined": len(result.quarantined),
         "cancelled": result.cancelled,
         "superseded": result.superseded,
+        "relabelled": result.relabelled,
         "duplicates": len(result.rankings) - len(rankings),
         "intransitive": sum(1 for r in rankings if is_intransitive(judgements_of(r))),
         "splits": {s: pairs_dd[s].num_rows for s in SPLITS},
@@ -178,15 +179,15 @@ def load_groups(data_dir: Path) -> datasets.DatasetDict:
     return _load_splits(Path(data_dir), "groups", GROUP_FEATURES)
 
 
-def write_derived_dataset(data_dir: Path, out_dir: Path, train_rows: list[dict[str, Any]], derivation: dict[str, Any]) -> dict[str, Any]:
-    """A new dataset version from `data_dir` whose train groups are replaced by `train_rows`
-    (which may carry per-pair strength columns); validation and test are kept as they are.
-    The version hashes the parent version, the derivation and the new train rows."""
+def write_derived_dataset(data_dir: Path, out_dir: Path, split_rows: dict[str, list[dict[str, Any]]], derivation: dict[str, Any]) -> dict[str, Any]:
+    """A new dataset version from `data_dir` whose groups are replaced split by split with
+    `split_rows` (which may carry per-pair strength columns); splits not given are kept as they are.
+    The version hashes the parent version, the derivation and the new rows."""
     parent = read_manifest(data_dir)
     groups = load_groups(data_dir)
     fill = {"strengths": [], "strength_std": [], "smoothing": []}
-    rows = {"train": train_rows, **{s: [{**fill, **r} for r in groups[s].to_list()] for s in ("validation", "test")}}
-    version = content_hash({"parent": parent["version"], "derivation": derivation, "train": train_rows})[:16]
+    rows = {s: [{**fill, **r} for r in split_rows.get(s, groups[s].to_list())] for s in SPLITS}
+    version = content_hash({"parent": parent["version"], "derivation": derivation, "rows": split_rows})[:16]
     out_dir.mkdir(parents=True, exist_ok=True)
     datasets.DatasetDict({s: _table(r, STRENGTH_FEATURES) for s, r in rows.items()}).save_to_disk(str(out_dir / "groups"))
     pairs = {s: [{"prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": g["completions"][w], "rejected": g["completions"][l],

@@ -1,6 +1,8 @@
 """Reward-model metrics from per-pair reward differences d = r_chosen - r_rejected."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
 
@@ -53,3 +55,18 @@ def pair_metrics(diffs: np.ndarray, tie_diffs: np.ndarray, rewards: np.ndarray) 
         "reward_mean": float(rewards.mean()) if len(rewards) else float("nan"),
         "reward_std": float(rewards.std()) if len(rewards) else float("nan"),
     }
+
+
+def flat_pair_indices(groups: Iterable[tuple[int, Sequence, Sequence]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For groups given as (completion count, strict pairs, ties): indices into the concatenated
+    completions of all groups of every strict pair's (chosen, rejected) and every tie's two sides.
+    Every evaluation scores each completion once and reads pairs through these indices."""
+    chosen, rejected, tie_a, tie_b = [], [], [], []
+    base = 0
+    for k, pairs, ties in groups:
+        chosen += [base + w for w, _ in pairs]
+        rejected += [base + l for _, l in pairs]
+        tie_a += [base + a for a, _ in ties]
+        tie_b += [base + b for _, b in ties]
+        base += k
+    return tuple(np.array(x, dtype=np.int64) for x in (chosen, rejected, tie_a, tie_b))

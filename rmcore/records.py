@@ -122,3 +122,17 @@ class QuarantinedRecord:
     locator: str
     reason: str
     record: Any
+
+
+@dataclass(frozen=True)
+class ReannotationRequest:
+    """A labelled pair the strength ensemble doubts, to be sent back to annotators. `chosen` is the
+    side the current labels prefer; `mean_strength`/`strength_std` are the ensemble's view of it."""
+
+    prompt_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    mean_strength: float
+    strength_std: float
+    split: str

@@ -2,7 +2,7 @@
 
 Beyond accuracy it measures what bites reward models in RL: calibration (ECE + reliability),
 length bias (Spearman between reward and response length; accuracy when the chosen response is
-the shorter one), accuracy per rank distance and per preference-strength bucket, and a per-token
+the shorter one), accuracy per rank distance and per preference-strength decile, and a per-token
 probe (reward of every prefix of a few fixed responses).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from rmcore.metrics import pair_metrics, reliability_curve
+from rmcore.metrics import flat_pair_indices, pair_metrics, reliability_curve
 from rmcore.scoring import RewardScorer
 
 PROBE_RESPONSES = 3
@@ -36,33 +36,20 @@ def evaluate_rows(scorer: RewardScorer, rows: list[dict[str, Any]]) -> Evaluatio
     prompts = [r["prompt"] for r in rows for _ in r["completions"]]
     texts = [c for r in rows for c in r["completions"]]
     rewards = scorer.score(prompts, texts)
-    diffs, tie_diffs, chosen, rejected, distance, strength, len_c, len_r = [], [], [], [], [], [], [], []
-    base = 0
-    for r in rows:
-        k = len(r["completions"])
-        rw = rewards[base:base + k]
-        for n, (w, l) in enumerate(r["pairs"]):
-            diffs.append(rw[w] - rw[l])
-            chosen.append(rw[w])
-            rejected.append(rw[l])
-            distance.append(r["blocks"][l] - r["blocks"][w])
-            strength.append((r.get("strengths") or [np.nan] * len(r["pairs"]))[n])
-            len_c.append(len(r["completions"][w].split()))
-            len_r.append(len(r["completions"][l].split()))
-        tie_diffs += [rw[a] - rw[b] for a, b in r["ties"]]
-        base += k
-    d = np.array(diffs)
-    metrics = pair_metrics(d, np.array(tie_diffs), rewards)
+    w, l, tie_a, tie_b = flat_pair_indices((len(r["completions"]), r["pairs"], r["ties"]) for r in rows)
+    d = rewards[w] - rewards[l]
+    metrics = pair_metrics(d, rewards[tie_a] - rewards[tie_b], rewards)
     lengths = np.array([len(t.split()) for t in texts])
+    blocks = np.array([b for r in rows for b in r["blocks"]])
     metrics["length_bias"] = float(spearmanr(rewards, lengths).statistic) if len(set(lengths)) > 1 else 0.0
-    shorter = np.array(len_c) < np.array(len_r)
+    shorter = lengths[w] < lengths[l]
     metrics["accuracy_chosen_shorter"] = float((d[shorter] > 0).mean()) if shorter.any() else float("nan")
-    metrics["accuracy_by_rank_distance"] = _bucketed(d, np.array(distance), lambda v: str(int(v)))
-    s = np.array(strength, dtype=float)
+    metrics["accuracy_by_rank_distance"] = _bucketed(d, blocks[l] - blocks[w], lambda v: str(int(v)))
+    s = np.array([x for r in rows for x in (r.get("strengths") or [np.nan] * len(r["pairs"]))], dtype=float)
     if np.isfinite(s).any():
-        edges = np.nanquantile(s, [0.25, 0.5, 0.75])
-        metrics["accuracy_by_strength_quartile"] = _bucketed(d, s, lambda v: f"q{int(np.searchsorted(edges, v)) + 1}")
-    return Evaluation(metrics, (d > 0).astype(np.int8), np.array(chosen), np.array(rejected), reliability_curve(d))
+        edges = np.nanquantile(s, np.linspace(0.1, 0.9, 9))
+        metrics["accuracy_by_strength_decile"] = _bucketed(d, s, lambda v: f"d{int(np.searchsorted(edges, v)) + 1:02d}")
+    return Evaluation(metrics, (d > 0).astype(np.int8), rewards[w], rewards[l], reliability_curve(d))
 
 
 def _bucketed(diffs: np.ndarray, keys: np.ndarray, name) -> dict[str, dict[str, float]]:
@@ -111,7 +98,7 @@ def write_report(evaluation: Evaluation, out_dir: Path, title: str, gate_table: 
         files.append(_save(fig, out_dir / "per_token_probe.png"))
     md = [f"# {title}", "", "| metric | value |", "|---|---|"]
     md += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.metrics.items() if not isinstance(v, dict)]
-    for key in ("accuracy_by_rank_distance", "accuracy_by_strength_quartile"):
+    for key in ("accuracy_by_rank_distance", "accuracy_by_strength_decile"):
         if key in evaluation.metrics:
             md += ["", f"## {key.replace('_', ' ')}", "", "| bucket | accuracy | n |", "|---|---|---|"]
             md += [f"| {b} | {v['accuracy']:.3f} | {v['n']} |" for b, v in evaluation.metrics[key].items()]
@@ -125,6 +112,51 @@ def write_report(evaluation: Evaluation, out_dir: Path, title: str, gate_table: 
     report.write_text("\n".join(md) + "\n")
     (out_dir / "evaluation_metrics.json").write_text(json.dumps(evaluation.metrics, indent=2, default=float))
     return files + [report, out_dir / "evaluation_metrics.json"]
+
+
+def write_strength_report(out_dir: Path, strengths: dict[str, dict[str, list[float]]], counts: dict[str, int],
+                          strategy: str, heldout_deciles: dict[str, dict[str, float]] | None) -> list[Path]:
+    """The preference-strength report: strength histograms (train and held-out), ensemble std
+    against mean, how many train pairs each strategy changes, and the trained model's held-out
+    accuracy per strength decile. `strengths` maps split → {"mean": [...], "std": [...]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_mean, train_std = np.array(strengths["train"]["mean"]), np.array(strengths["train"]["std"])
+    heldout = np.concatenate([np.array(strengths[s]["mean"]) for s in ("validation", "test") if s in strengths] or [np.zeros(0)])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(train_mean, bins=40, alpha=0.6, density=True, label=f"train ({len(train_mean)} pairs)")
+    if len(heldout):
+        ax.hist(heldout, bins=40, alpha=0.6, density=True, label=f"held-out ({len(heldout)} pairs)")
+    ax.axvline(0, color="k", lw=1, ls="--")
+    ax.set(xlabel="mean strength  r_chosen - r_rejected", ylabel="density", title="Preference strength (ensemble mean)")
+    ax.legend()
+    files = [_save(fig, out_dir / "strength_histogram.png")]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(train_mean, train_std, s=4, alpha=0.4)
+    ax.set(xlabel="mean strength", ylabel="ensemble std", title="Ensemble disagreement (train pairs)")
+    files.append(_save(fig, out_dir / "strength_mean_std.png"))
+    negative = float((train_mean < 0).mean()) if len(train_mean) else float("nan")
+    md = ["# Preference strength", "", f"Strategy: `{strategy}`. Train pairs: {len(train_mean)}; negative mean strength: "
+          f"{negative:.1%}; mean {train_mean.mean() if len(train_mean) else float('nan'):.3f}, "
+          f"mean std {train_std.mean() if len(train_std) else float('nan'):.3f}.", "",
+          "## Train pairs each strategy changes", "", "| strategy | pairs changed |", "|---|---|"]
+    md += [f"| {k}{' (this run)' if k == strategy else ''} | {v} |" for k, v in counts.items()]
+    if heldout_deciles:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(list(heldout_deciles), [v["accuracy"] for v in heldout_deciles.values()])
+        ax.axhline(0.5, color="k", lw=1, ls="--")
+        ax.set(xlabel="held-out strength decile (d01 = lowest)", ylabel="accuracy", ylim=(0, 1), title="Held-out accuracy by strength")
+        files.append(_save(fig, out_dir / "accuracy_by_strength_decile.png"))
+        md += ["", "## Held-out accuracy per strength decile (validation + test)", "", "| decile | accuracy | n |", "|---|---|---|"]
+        md += [f"| {k} | {v['accuracy']:.3f} | {v['n']} |" for k, v in heldout_deciles.items()]
+    md += ["", *[f"![{f.stem}]({f.name})" for f in files]]
+    report = out_dir / "strength_report.md"
+    report.write_text("\n".join(md) + "\n")
+    return files + [report]
 
 
 def _save(fig, path: Path) -> Path:

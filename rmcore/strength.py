@@ -9,6 +9,9 @@ are the likely label noise. Strategies:
 - margin: adaptive margin = margin_coef × max(mean strength, 0) on every pair;
 - flip+margin, soft+margin: both.
 Pairs are selected by mean strength below `flip_below`, or the bottom `flip_fraction` when set.
+
+Active labelling: the pairs the ensemble doubts most — negative mean strength, or a std in the top
+`reannotate_std_quantile` — go back to annotators: most negative first, then most disputed.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from rmcore.config import RunConfig, StrengthConfig
+from rmcore.records import ReannotationRequest
 
 
 def strength_stats(member_diffs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +71,39 @@ def final_run_config(cfg: RunConfig) -> RunConfig:
     if not strategy.endswith("margin"):
         return cfg
     return cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"adaptive_margin": cfg.strength.margin_coef})})
+
+
+def strategy_counts(mean: np.ndarray, cfg: StrengthConfig) -> dict[str, int]:
+    """How many train pairs each strategy changes under `cfg`'s selection rule (margin changes every
+    pair with a positive mean strength: the others get a zero margin)."""
+    low, positive = low_strength_mask(mean, cfg), mean > 0
+    changed = {"flip": low, "soft": low, "margin": positive, "flip+margin": low | positive, "soft+margin": low | positive}
+    return {k: int(v.sum()) for k, v in changed.items()}
+
+
+def reannotation_candidates(split_rows: dict[str, list[dict[str, Any]]], split_strength: dict[str, tuple[np.ndarray, np.ndarray]],
+                            std_quantile: float = 0.9) -> list[ReannotationRequest]:
+    """Doubtful pairs of every split, most doubtful first, one per (prompt, pair of texts)."""
+    found: dict[tuple[str, frozenset[str]], ReannotationRequest] = {}
+    stds = np.concatenate([s for _, s in split_strength.values()]) if split_strength else np.zeros(0)
+    std_cut = float(np.quantile(stds, std_quantile)) if len(stds) else np.inf
+    for split, rows in split_rows.items():
+        mean, std = split_strength[split]
+        n = 0
+        for row in rows:
+            for w, l in row["pairs"]:
+                m, s = float(mean[n]), float(std[n])
+                n += 1
+                if m >= 0 and s < std_cut:
+                    continue
+                req = ReannotationRequest(row["prompt_id"], row["prompt"], row["completions"][w], row["completions"][l], m, s, split)
+                key = (row["prompt_id"], frozenset((req.chosen, req.rejected)))
+                if key not in found or _doubt(req) < _doubt(found[key]):
+                    found[key] = req
+    return sorted(found.values(), key=_doubt)
+
+
+def _doubt(r: ReannotationRequest) -> tuple[int, float]:
+    """Sort key: negative mean strength first, most negative first; then by disagreement. (A z-score
+    mean/std ranks worse: with M ≈ 3 members the std is too noisy to divide by.)"""
+    return (0, r.mean_strength) if r.mean_strength < 0 else (1, -r.strength_std)

@@ -22,7 +22,7 @@ from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_c
 from rmcore.config import RunConfig
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.losses import compute_loss
-from rmcore.metrics import pair_metrics
+from rmcore.metrics import flat_pair_indices, pair_metrics
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
 
 
@@ -75,19 +75,15 @@ def evaluate_groups(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics over all strict pairs and ties of `groups`; also returns the per-pair diffs."""
     model.eval()
-    diffs, tie_diffs, rewards = [], [], []
+    rewards = []
     for start in range(0, len(groups), 64):
-        chunk = groups[start:start + 64]
-        seqs = [s for g in chunk for s in g.seqs]
-        r = score_sequences(model, seqs, pad_id, device, max_tokens).cpu().numpy()
-        base = 0
-        for g in chunk:
-            diffs += [r[base + w] - r[base + l] for w, l in g.pairs]
-            tie_diffs += [r[base + a] - r[base + b] for a, b in g.ties]
-            rewards += list(r[base:base + len(g.seqs)])
-            base += len(g.seqs)
+        seqs = [s for g in groups[start:start + 64] for s in g.seqs]
+        rewards.append(score_sequences(model, seqs, pad_id, device, max_tokens).cpu().numpy())
     model.train()
-    return pair_metrics(np.array(diffs), np.array(tie_diffs), np.array(rewards)), np.array(diffs)
+    r = np.concatenate(rewards) if rewards else np.zeros(0)
+    chosen, rejected, tie_a, tie_b = flat_pair_indices((len(g.seqs), g.pairs, g.ties) for g in groups)
+    diffs = r[chosen] - r[rejected]
+    return pair_metrics(diffs, r[tie_a] - r[tie_b], r), diffs
 
 
 def encoded_split(data_dir: Path, split: str, encoder: Encoder, smoothing: float = 0.0) -> list[EncodedGroup]:

@@ -305,6 +305,24 @@ def ls_simulate(
     emit(result)
 
 
+@ls_app.command("reannotate")
+def ls_reannotate(
+    project: str = typer.Option(..., help="Project title."),
+    data: Path = typer.Option(..., help="A strength-annotated dataset folder (written by `rmflow train --ensemble M`)."),
+    max_tasks: int = typer.Option(50, help="Send at most this many new re-annotation tasks."),
+) -> None:
+    """Active labelling: send the ensemble's most doubtful pairs back as tasks tagged for re-annotation;
+    their labels supersede the old ones at the next `rmflow collect`."""
+    from tasks import labelstudio as lst
+
+    try:
+        result = lst.request_reannotation(project, data, max_tasks)
+    except Exception as e:  # noqa: BLE001 — turned into one clear line below
+        fail(_ls_failure(e))
+    console.print(f"{result['sent']} pairs sent for re-annotation ({result['candidates']} doubtful pairs in {data})")
+    emit(result)
+
+
 @app.command()
 def collect(
     project: str = typer.Option(..., help="Label Studio project title."),

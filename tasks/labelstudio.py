@@ -24,6 +24,7 @@ from scipy.stats import kendalltau
 from rmcore.converters.common import ConversionResult, Quarantine
 from rmcore.converters.label_studio import LabelConfig, rankings_from_tasks
 from rmcore.dataset import write_preference_dataset
+from rmcore.records import text_id
 from rmcore.synthetic import annotator_order
 
 RANKER_NAME, LIST_NAME = "rank", "items"
@@ -92,15 +93,17 @@ def task_hash(prompt: str, responses: list[str]) -> str:
     return hashlib.sha256(json.dumps([prompt, sorted(responses)]).encode()).hexdigest()[:20]
 
 
-def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], seed: int = 0) -> dict[str, int]:
-    """Imports `{prompt, responses[], gold?[], order?[]}` items. Responses are shuffled per task so
-    the presented order carries no signal; re-importing the same content adds nothing."""
+def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], seed: int = 0,
+                 limit: int | None = None) -> dict[str, int]:
+    """Imports `{prompt, responses[], gold?[], order?[], reannotate?{}}` items, at most `limit` new
+    ones. Responses are shuffled per task so the presented order carries no signal; re-importing the
+    same content adds nothing."""
     existing = {t.data.get("rmflow_hash") for t in ls.tasks.list(project=project_id, fields="all")}
     rng = random.Random(seed)
     new = []
     for item in items:
         h = task_hash(item["prompt"], item["responses"])
-        if h in existing:
+        if h in existing or (limit is not None and len(new) >= limit):
             continue
         existing.add(h)
         order = list(range(len(item["responses"])))
@@ -112,10 +115,28 @@ def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], 
             data["rmflow_gold"] = {f"r{i}": item["gold"][i] for i in order}
         if "order" in item:
             data["rmflow_order"] = [f"r{i}" for i in item["order"]]
+        if "reannotate" in item:  # a Data Manager column to filter by; collection lets these labels win
+            data["rmflow_reannotate"] = item["reannotate"]
         new.append({"data": data})
     for start in range(0, len(new), 200):
         ls.projects.import_tasks(id=project_id, request=new[start:start + 200])
     return {"imported": len(new), "skipped": len(items) - len(new)}
+
+
+def request_reannotation(project: str, strength_dir: Path, max_tasks: int, url: str | None = None) -> dict[str, Any]:
+    """Active labelling: sends the ensemble's most doubtful pairs of a strength dataset version back
+    to the project as two-response tasks tagged `rmflow_reannotate`, at most `max_tasks` new ones
+    (pairs already sent are skipped). Their labels supersede the old ones at the next collection."""
+    from tasks.strength import read_reannotation_candidates
+
+    candidates = read_reannotation_candidates(strength_dir)
+    ls = connect(url)
+    project_id = ensure_project(ls, project, 4)
+    items = [{"prompt": c.prompt, "responses": [c.chosen, c.rejected],
+              "reannotate": {"labelled_chosen": text_id(c.chosen), "mean_strength": round(c.mean_strength, 4),
+                             "strength_std": round(c.strength_std, 4), "split": c.split}} for c in candidates]
+    result = import_tasks(ls, project_id, items, limit=max_tasks)
+    return {"candidates": len(candidates), "sent": result["imported"], "project_id": project_id}
 
 
 def items_from_file(path: Path) -> list[dict[str, Any]]:
@@ -238,7 +259,7 @@ def dataset_from_snapshot(snapshot_path: Path, out_dir: Path, watermark: str | N
     stamps = [r.timestamp for r in result.rankings if r.timestamp] + [watermark or ""]
     return {
         "new_rankings": len(new), "total_rankings": len(result.rankings), "quarantined": len(result.quarantined),
-        "cancelled": result.cancelled, "superseded": result.superseded, "watermark": max(stamps) or None,
+        "cancelled": result.cancelled, "superseded": result.superseded, "relabelled": result.relabelled, "watermark": max(stamps) or None,
         "previous_watermark": watermark, "dataset": str(version_dir) if version_dir else None,
         "version": version_dir.name if version_dir else None,
         "unchanged_presented_order": sum(1 for r in result.rankings if r.presented_order

@@ -2,8 +2,9 @@
 
 The registry needs a database store: MLFLOW_TRACKING_URI when set, else SQLite under RMFLOW_HOME.
 A model version carries tags `validation_status` (passed/failed), `validation_reasons`,
-`model_sha256` (so re-promoting the same folder reuses its version), `dataset_version` and
-`label_watermark` (lineage from labels to champion).
+`model_sha256` (so re-promoting the same folder reuses its version), `dataset_version` (what it
+trained on), `label_dataset_version` (the labels that dataset came from: a strength-annotated
+version derives from one) and `label_watermark` (lineage from labels to champion).
 """
 from __future__ import annotations
 
@@ -81,9 +82,11 @@ def log_training_run(cfg: RunConfig, summary: dict[str, Any], data_dir: Path, mo
     as a pyfunc. The run id is written into the model folder so promotion finds its lineage."""
     configure_mlflow()
     manifest = read_manifest(data_dir)
+    label_version = manifest.get("parent_version", manifest["version"])
     with mlflow.start_run(run_name=f"train-{cfg.loss.name}") as run:
         mlflow.log_params(cfg.flat_params())
-        mlflow.set_tags({"dataset_version": manifest["version"], "label_watermark": watermark or "none",
+        mlflow.set_tags({"dataset_version": manifest["version"], "label_dataset_version": label_version,
+                         "label_watermark": watermark or "none",
                          "git_commit": git_commit(), "rmflow.kind": "train"})
         for point in summary.get("history", []):
             mlflow.log_metrics({k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "step"}, step=point["step"])
@@ -92,14 +95,18 @@ def log_training_run(cfg: RunConfig, summary: dict[str, Any], data_dir: Path, mo
         dataset = mlflow.data.from_pandas(pairs, source=str(Path(data_dir).resolve()), name=f"preferences-{manifest['version']}",
                                           digest=manifest["version"])
         mlflow.log_input(dataset, context="training")
-        _write_lineage(model_dir, run.info.run_id, manifest["version"], watermark, content_hash(cfg.model_dump(mode="json")))
+        if summary.get("strength"):
+            mlflow.log_metrics({f"strength.{k}": float(v) for k, v in summary["strength"].items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            mlflow.log_artifacts(summary["strength"]["report_dir"], "strength_report")
+        _write_lineage(model_dir, {"run_id": run.info.run_id, "dataset_version": manifest["version"], "label_watermark": watermark,
+                                   "label_dataset_version": label_version, "config_hash": content_hash(cfg.model_dump(mode="json"))})
         _log_pyfunc(model_dir)
         return run.info.run_id
 
 
-def _write_lineage(model_dir: Path, run_id: str, dataset_version: str, watermark: str | None, config_hash: str) -> None:
-    (Path(model_dir) / LINEAGE_FILE).write_text(json.dumps({"run_id": run_id, "dataset_version": dataset_version,
-                                                            "label_watermark": watermark, "config_hash": config_hash}))
+def _write_lineage(model_dir: Path, lineage: dict[str, Any]) -> None:
+    (Path(model_dir) / LINEAGE_FILE).write_text(json.dumps(lineage))
 
 
 def _lineage(model_dir: Path) -> dict[str, Any]:
@@ -135,18 +142,19 @@ def register_model(client: MlflowClient, model_dir: Path, name: str) -> tuple[st
             mlflow.set_tags({"rmflow.kind": "register", "git_commit": git_commit()})
     mv = mlflow.register_model(info.model_uri, name, tags={
         "model_sha256": digest, "dataset_version": lineage.get("dataset_version") or "unknown",
+        "label_dataset_version": lineage.get("label_dataset_version") or lineage.get("dataset_version") or "unknown",
         "label_watermark": str(lineage.get("label_watermark") or "none"), "run_id": run.info.run_id,
         "config_hash": lineage.get("config_hash") or "unknown"})
     return str(mv.version), True
 
 
-def find_version(name: str, dataset_version: str, config_hash: str) -> str | None:
-    """The registered version trained on this dataset version with this run config, if any."""
+def find_version(name: str, label_dataset_version: str, config_hash: str) -> str | None:
+    """The registered version trained from this label dataset version with this run config, if any."""
     client = configure_mlflow()
     if not client.search_registered_models(filter_string=f"name='{name}'"):
         return None
     for v in client.search_model_versions(f"name='{name}'"):
-        if v.tags.get("dataset_version") == dataset_version and v.tags.get("config_hash") == config_hash:
+        if v.tags.get("label_dataset_version") == label_dataset_version and v.tags.get("config_hash") == config_hash:
             return str(v.version)
     return None
 

@@ -1,23 +1,30 @@
 """Training the preference-strength ensemble and writing the strength-annotated dataset version.
 
 Members differ in seed and data order and train on the same train split for the run's budget
-(as in Secrets of RLHF, Part II). With `scale.workers > 1` each member trains on Ray Train; the
-members themselves run one after another, which is what a 2-core machine allows.
+(as in Secrets of RLHF, Part II). Every split's pairs are scored by every member: train strengths
+drive the strategy; held-out strengths (pairs no member saw) only annotate validation/test, so
+reports can break accuracy down by strength. With `strength.parallel` members are Ray tasks that
+run as many at once as the cluster's resources allow; their model folders go to a driver-side
+temporary folder, so a multi-node cluster needs it on shared storage (as `scale.storage_path`).
 """
 from __future__ import annotations
 
+import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rmcore.config import RunConfig
-from rmcore.dataset import load_groups, read_manifest, write_derived_dataset
-from rmcore.records import content_hash
-from rmcore.report import evaluate_rows
+from rmcore.config import RunConfig, StrengthConfig
+from rmcore.dataset import SPLITS, load_groups, read_manifest, write_derived_dataset
+from rmcore.records import ReannotationRequest, content_hash
+from rmcore.report import evaluate_rows, write_strength_report
 from rmcore.scoring import RewardScorer
-from rmcore.strength import apply_strategy, strength_stats
+from rmcore.strength import apply_strategy, reannotation_candidates, strategy_counts, strength_stats
+
+STRENGTH_FILE, REANNOTATION_FILE = "strength.json", "reannotation.jsonl"
 
 
 def member_config(cfg: RunConfig, member: int) -> RunConfig:
@@ -27,45 +34,115 @@ def member_config(cfg: RunConfig, member: int) -> RunConfig:
     })
 
 
-def train_pair_diffs(model_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
-    """r_chosen - r_rejected of every train pair, in the rows' pair order."""
+def pair_diffs(model_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
+    """r_chosen - r_rejected of every pair of `rows`, in the rows' pair order."""
+    if not rows:
+        return np.zeros(0)
     ev = evaluate_rows(RewardScorer(model_dir), rows)
     return ev.chosen_rewards - ev.rejected_rewards
 
 
-def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False) -> dict[str, Any]:
-    """Trains the M members and returns each train pair's strength (mean, std over members)."""
+def train_member(cfg: RunConfig, data_dir: Path, model_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Trains one member and scores every split's pairs with it."""
     from tasks.train import run_training
 
-    rows = load_groups(data_dir)["train"].to_list()
-    diffs, run_ids = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in range(cfg.strength.ensemble):
-            member_cfg = member_config(cfg, m)
-            model_dir = Path(tmp) / f"member{m}"
-            summary = run_training(member_cfg, data_dir, model_dir)
-            if track:
-                from tasks.registry import log_training_run
+    summary = run_training(cfg, data_dir, model_dir)
+    groups = load_groups(data_dir)
+    return summary, {split: pair_diffs(model_dir, groups[split].to_list()) for split in SPLITS}
 
-                run_ids.append(log_training_run(member_cfg, summary, data_dir, model_dir))
-            diffs.append(train_pair_diffs(model_dir, rows))
-    mean, std = strength_stats(diffs)
-    return {"rows": rows, "mean": mean, "std": std, "mlflow_runs": run_ids,
-            "members": [member_config(cfg, m).model_dump(mode="json") for m in range(cfg.strength.ensemble)]}
+
+def train_members(cfg: RunConfig, data_dir: Path, work: Path) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    configs = [member_config(cfg, m) for m in range(cfg.strength.ensemble)]
+    dirs = [work / f"member{m}" for m in range(len(configs))]
+    if not cfg.strength.parallel or cfg.scale.workers > 1:
+        return [train_member(c, data_dir, d) for c, d in zip(configs, dirs)]
+    import ray
+
+    from tasks.train import init_ray
+
+    init_ray(cfg.scale.ray_address)
+    resources = {"num_gpus": 1} if cfg.scale.use_gpu else {}
+    remote = ray.remote(num_cpus=cfg.scale.cpus_per_worker, max_retries=cfg.scale.max_failures, **resources)(_train_member_task)
+    return ray.get([remote.remote(c, str(data_dir.resolve()), str(d.resolve())) for c, d in zip(configs, dirs)])
+
+
+def _train_member_task(cfg: RunConfig, data_dir: str, model_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    import torch
+
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    return train_member(cfg, Path(data_dir), Path(model_dir))
+
+
+def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False) -> dict[str, Any]:
+    """Trains the M members; returns per split the rows and each pair's strength (mean, std)."""
+    data_dir = Path(data_dir)
+    groups = load_groups(data_dir)
+    run_ids = []
+    with tempfile.TemporaryDirectory() as tmp:
+        results = train_members(cfg, data_dir, Path(tmp))
+        if track:
+            from tasks.registry import log_training_run
+
+            run_ids = [log_training_run(member_config(cfg, m), summary, data_dir, Path(tmp) / f"member{m}")
+                       for m, (summary, _) in enumerate(results)]
+    splits = {}
+    for split in SPLITS:
+        mean, std = strength_stats([diffs[split] for _, diffs in results])
+        splits[split] = {"rows": groups[split].to_list(), "mean": mean, "std": std}
+    return {"splits": splits, "mlflow_runs": run_ids,
+            "members": [member_config(cfg, m).model_dump(mode="json") for m in range(cfg.strength.ensemble)],
+            "member_val_accuracy": [float(s["val_accuracy"]) for s, _ in results]}
+
+
+def strength_rows(ensemble: dict[str, Any], cfg: StrengthConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """The strategy applied to the train split; held-out splits only gain strength columns."""
+    rows, counts = {}, {}
+    for split, s in ensemble["splits"].items():
+        rows[split], split_counts = apply_strategy(s["rows"], s["mean"], s["std"], cfg if split == "train" else StrengthConfig())
+        if split == "train":
+            counts = split_counts
+    return rows, counts
 
 
 def write_strength_dataset(cfg: RunConfig, data_dir: Path, ensemble: dict[str, Any], out_root: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Applies `cfg.strength.strategy` and writes the result as a new dataset version."""
-    new_rows, counts = apply_strategy(ensemble["rows"], ensemble["mean"], ensemble["std"], cfg.strength)
+    rows, counts = strength_rows(ensemble, cfg.strength)
     derivation = {"ensemble": cfg.strength.ensemble, "strength": cfg.strength.model_dump(mode="json"),
                   "members": ensemble["members"], "mlflow_runs": ensemble["mlflow_runs"]}
     out = Path(out_root or data_dir.parent) / f"{read_manifest(data_dir)['version']}-strength-{content_hash(derivation)[:8]}"
-    manifest = write_derived_dataset(data_dir, out, new_rows, derivation)
-    mean = ensemble["mean"]
-    return out, {**counts, "dataset_version": manifest["version"], "mean_strength": float(mean.mean()),
-                 "negative_fraction": float((mean < 0).mean()), "mlflow_runs": ensemble["mlflow_runs"]}
+    manifest = write_derived_dataset(data_dir, out, rows, derivation)
+    # the ensemble's view in the parent's pair order and orientation (a flip rewrites the rows)
+    (out / STRENGTH_FILE).write_text(json.dumps({split: {"mean": s["mean"].tolist(), "std": s["std"].tolist()}
+                                                  for split, s in ensemble["splits"].items()}))
+    candidates = reannotation_candidates({k: s["rows"] for k, s in ensemble["splits"].items()},
+                                         {k: (s["mean"], s["std"]) for k, s in ensemble["splits"].items()},
+                                         cfg.strength.reannotate_std_quantile)
+    with open(out / REANNOTATION_FILE, "w") as f:
+        f.writelines(json.dumps(asdict(c)) + "\n" for c in candidates)
+    mean = ensemble["splits"]["train"]["mean"]
+    return out, {**counts, "reannotation_candidates": len(candidates), "dataset_version": manifest["version"], "mean_strength": float(mean.mean()) if len(mean) else float("nan"),
+                 "negative_fraction": float((mean < 0).mean()) if len(mean) else float("nan"), "mlflow_runs": ensemble["mlflow_runs"]}
 
 
 def build_strength_dataset(cfg: RunConfig, data_dir: Path, out_root: Path | None = None, track: bool = False) -> tuple[Path, dict[str, Any]]:
     data_dir = Path(data_dir)
     return write_strength_dataset(cfg, data_dir, ensemble_strengths(cfg, data_dir, track), out_root)
+
+
+def strength_report(strength_dir: Path, model_dir: Path, out_dir: Path) -> list[Path]:
+    """The strength report of a model trained on `strength_dir`, with its held-out accuracy per
+    decile of the ensemble's strength."""
+    strengths = json.loads((Path(strength_dir) / STRENGTH_FILE).read_text())
+    cfg = StrengthConfig.model_validate(read_manifest(strength_dir)["derivation"]["strength"])
+    groups = load_groups(strength_dir)
+    heldout = groups["validation"].to_list() + groups["test"].to_list()
+    deciles = evaluate_rows(RewardScorer(model_dir), heldout).metrics.get("accuracy_by_strength_decile") if heldout else None
+    strategy = cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy.value
+    return write_strength_report(Path(out_dir), strengths, strategy_counts(np.array(strengths["train"]["mean"]), cfg), strategy, deciles)
+
+
+def read_reannotation_candidates(strength_dir: Path) -> list[ReannotationRequest]:
+    path = Path(strength_dir) / REANNOTATION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{strength_dir} has no {REANNOTATION_FILE}: train with an ensemble (strength.ensemble > 0) first")
+    return [ReannotationRequest(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

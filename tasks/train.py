@@ -30,8 +30,10 @@ STATE_FILE = "state.pt"
 FINAL_METRICS = "final_metrics.json"
 
 
-def run_training(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`."""
+def run_training(cfg: RunConfig, data_dir: Path, out_dir: Path, track_members: bool = False) -> dict[str, Any]:
+    """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`. With a
+    strength ensemble it first trains the members (logged to MLflow with `track_members`) and
+    trains on the strength-annotated dataset version they produce."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
@@ -40,14 +42,20 @@ def run_training(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any
         from rmcore.strength import final_run_config
         from tasks.strength import build_strength_dataset
 
-        data_dir, strength = build_strength_dataset(cfg, data_dir)
+        data_dir, strength = build_strength_dataset(cfg, data_dir, track=track_members)
         cfg = final_run_config(cfg)
     if cfg.scale.workers <= 1:
         ctx = WorkerContext(device=resolve_device(cfg.device))
         summary = train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
     else:
         summary = run_ray_training(cfg, data_dir, out_dir)
-    return summary | ({"strength": strength, "data_dir": str(data_dir)} if strength else {})
+    if strength:
+        from tasks.strength import strength_report
+
+        report_dir = out_dir.parent / f"{out_dir.name}-strength-report"
+        strength_report(data_dir, out_dir, report_dir)
+        summary |= {"strength": strength | {"report_dir": str(report_dir)}, "data_dir": str(data_dir)}
+    return summary
 
 
 def init_ray(address: str | None) -> None:

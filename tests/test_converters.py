@@ -210,6 +210,24 @@ def test_label_studio_latest_update_wins_cancelled_ignored_several_annotators(tm
     assert result.cancelled == 1 and result.superseded == 1
 
 
+def test_label_studio_reannotation_supersedes_that_pair_only(tmp_path):
+    """A re-annotation task for (a, c) with c first replaces both annotators' a>c judgements; their
+    other judgements stay, and the order becomes the Copeland order of what is left."""
+    task = ls_task(1, ranker(["a", "b", "c"]))
+    task["annotations"].append({"id": 11, "completed_by": 2, "was_cancelled": False, "updated_at": "2026-01-02T00:00:00Z",
+                                "result": ranker(["a", "c", "b"])})
+    relabel_data = {"prompt": "prompt 1", "items": [ITEMS[0], ITEMS[2]], "rmflow_reannotate": {"labelled_chosen": "x"}}
+    other = ls_task(3, ranker(["b", "a", "c"]), data={"prompt": "prompt 3", "items": ITEMS})
+    result = convert_file("label-studio", write(tmp_path, "ls.json", [task, ls_task(2, ranker(["c", "a"]), completed_by=3, data=relabel_data), other]))
+    assert result.relabelled == 2
+    pairs = [p for p in pairs_of(result) if p[0] == "prompt 1"]
+    assert [p for p in pairs if {p[1], p[2]} == {"answer a", "answer c"}] == [("prompt 1", "answer c", "answer a", 1.0)]
+    assert len(pairs) == 5  # 2 kept from each annotator + the re-annotation
+    assert len([p for p in pairs_of(result) if p[0] == "prompt 3"]) == 3  # other prompts untouched
+    kept = {r.annotator: r.order for r in result.rankings if r.prompt == "prompt 1" and not r.meta.get("reannotation")}
+    assert kept == {"ls:1": [["a"], ["b"], ["c"]], "ls:2": [["a", "c"], ["b"]]}
+
+
 def test_label_studio_malformed_records_each_quarantined_with_reason(tmp_path):
     tasks = [
         ls_task(1, ranker(["a", "b", "c"])),

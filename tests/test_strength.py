@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,14 @@ from rmcore.config import RunConfig, StrengthConfig
 from rmcore.converters.common import ConversionResult
 from rmcore.dataset import load_groups, write_preference_dataset
 from rmcore.records import Ranking
-from rmcore.strength import apply_strategy, final_run_config, low_strength_mask, strength_stats
+from rmcore.strength import (
+    apply_strategy,
+    final_run_config,
+    low_strength_mask,
+    reannotation_candidates,
+    strategy_counts,
+    strength_stats,
+)
 from rmcore.synthetic import synthetic_items, synthetic_rankings
 
 ROWS = [{"prompt": "p", "completions": ["a", "b", "c"], "blocks": [0, 1, 2], "pairs": [[0, 1], [0, 2], [1, 2]],
@@ -28,10 +37,32 @@ def test_strategies_on_constructed_pairs():
     assert final_run_config(cfg.model_copy(update={"strength": StrengthConfig(strategy="flip")})).loss.adaptive_margin == 0
 
 
+def test_reannotation_candidates_most_doubtful_first_one_per_pair():
+    row = {**ROWS[0], "prompt_id": "p1"}
+    twin = {**row, "group_id": "second annotator"}  # same prompt and texts, labelled by someone else
+    mean = {"train": (np.array([2.0, -1.0, 0.5, 2.0, -3.0, 0.4]), np.array([0.1, 1.0, 0.1, 0.1, 1.0, 3.0])),
+            "test": (np.array([-0.2]), np.array([0.1]))}
+    test_row = {"prompt_id": "p2", "prompt": "q", "completions": ["x", "y"], "pairs": [[0, 1]]}
+    found = reannotation_candidates({"train": [row, twin], "test": [test_row]}, mean, std_quantile=0.9)
+    # (a,c): -3/1 beats -1/1 for the same pair; (x,y): -0.2/0.1; (b,c): std 3.0 ≥ the 90% quantile
+    assert [(c.chosen, c.rejected, c.mean_strength, c.split) for c in found] == [
+        ("a", "c", -3.0, "train"), ("x", "y", -0.2, "test"), ("b", "c", 0.4, "train")]
+    counts = strategy_counts(np.array([1.5, -2.0, 0.4, -0.1]), StrengthConfig())
+    assert counts == {"flip": 2, "soft": 2, "margin": 2, "flip+margin": 4, "soft+margin": 4}
+
+
 def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
+    """Planted reversed rankings: the ensemble (members as parallel Ray tasks) ranks them lowest,
+    flips and re-annotation requests land on them, and the report reaches the MLflow run."""
+    import json
+
+    import mlflow
     from scipy.stats import mannwhitneyu
 
-    from tasks.strength import build_strength_dataset
+    from rmcore.dataset import read_manifest
+    from tasks.registry import configure_mlflow, log_training_run
+    from tasks.strength import read_reannotation_candidates
+    from tasks.train import run_training
 
     rankings = synthetic_rankings(synthetic_items(300, k=4, seed=4), annotators=1, noise=0.0, seed=5)
     planted = set(range(0, len(rankings), 7))  # ~14% of rankings reversed on purpose
@@ -44,18 +75,30 @@ def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
     cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 96},
                                     "optim": {"lr": 3e-3, "epochs": 1},
                                     "strength": {"ensemble": 3, "strategy": "flip", "flip_fraction": 0.14}})
-    out, counts = build_strength_dataset(cfg, data, tmp_path)
+    summary = run_training(cfg, data, tmp_path / "model", track_members=True)
+    out, counts = Path(summary["data_dir"]), summary["strength"]
     before = load_groups(data)["train"].to_list()
     after = load_groups(out)["train"].to_list()
     is_planted = np.array([r["prompt"] in planted_prompts for r in before for _ in r["pairs"]])
-    # strengths are stored as now oriented; recover the ensemble's view of the original labels
-    original = np.array([s if pa == pb else -s for a, b in zip(after, before)
-                         for s, pa, pb in zip(a["strengths"], a["pairs"], b["pairs"])])
+    original = np.array(json.loads((out / "strength.json").read_text())["train"]["mean"])  # the ensemble's view of the labels
     assert mannwhitneyu(original[is_planted], original[~is_planted], alternative="less").pvalue < 1e-3
     flipped = np.array([pa != pb for a, b in zip(after, before) for pa, pb in zip(a["pairs"], b["pairs"])])
     assert flipped.sum() == counts["flipped"] > 0
     precision = (flipped & is_planted).sum() / flipped.sum()
     assert precision > 2.5 * is_planted.mean()  # flips land on planted noise far above its base rate
-    from rmcore.dataset import read_manifest
-
     assert read_manifest(out)["parent_version"] == read_manifest(data)["version"] != counts["dataset_version"]
+    assert len(counts["mlflow_runs"]) == 3
+
+    candidates = read_reannotation_candidates(out)
+    top = candidates[:20]
+    assert len(candidates) == counts["reannotation_candidates"] > 20
+    assert np.mean([c.prompt in planted_prompts for c in top]) > 2.5 * is_planted.mean()
+
+    report = Path(counts["report_dir"]) / "strength_report.md"
+    assert "flip (this run) | " + str(counts["flipped"]) in report.read_text() and "d10" in report.read_text()
+    run_id = log_training_run(final_run_config(cfg), summary, out, tmp_path / "model")
+    configure_mlflow()
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "strength_report")}
+    assert {"strength_report/strength_report.md", "strength_report/strength_histogram.png",
+            "strength_report/accuracy_by_strength_decile.png"} <= logged
+    assert mlflow.get_run(run_id).data.metrics["strength.flipped"] == counts["flipped"]

@@ -5,7 +5,7 @@ import gzip
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ class ConversionResult:
     quarantined: list[QuarantinedRecord] = field(default_factory=list)
     cancelled: int = 0
     superseded: int = 0
+    relabelled: int = 0  # earlier judgements replaced by re-annotation
     sources: list[Path] = field(default_factory=list)
 
 
@@ -141,6 +142,31 @@ def judgements_of(r: Ranking) -> list[Judgement]:
     for block in r.order:
         out += [Judgement(a, b, "tie") for a, b in combinations(block, 2)]
     return out
+
+
+def supersede_relabelled_pairs(rankings: list[Ranking]) -> tuple[list[Ranking], int]:
+    """Re-annotations (rankings with `meta["reannotation"]`) replace every other judgement of their
+    pairs on the same prompt. The other rankings lose those judgements and take the Copeland order
+    of what is left; one with nothing left is dropped. Returns (rankings, judgements replaced)."""
+    relabelled: dict[str, set[frozenset[str]]] = {}
+    for r in rankings:
+        if r.meta.get("reannotation"):
+            texts = [c.text for c in r.completions]
+            relabelled.setdefault(r.prompt_id, set()).update(frozenset(p) for p in combinations(texts, 2))
+    out, replaced = [], 0
+    for r in rankings:
+        keys = relabelled.get(r.prompt_id)
+        if not keys or r.meta.get("reannotation"):
+            out.append(r)
+            continue
+        judgements = judgements_of(r)
+        kept = [j for j in judgements if frozenset((r.text_of(j.a), r.text_of(j.b))) not in keys]
+        replaced += len(judgements) - len(kept)
+        if len(kept) == len(judgements):
+            out.append(r)
+        elif kept:
+            out.append(replace(r, judgements=kept, order=copeland_order([c.id for c in r.completions], kept)))
+    return out, replaced
 
 
 def _rank_distance(r: Ranking) -> dict[str, int]:

@@ -8,7 +8,8 @@ templates lay tasks out, or from `LabelConfig`):
 - Pairwise: `value.selected` = "left" | "right" (left = first text field).
 - Choices with a Tie option: a choice naming the first/second response, or "tie".
 Per task and annotator the latest update wins; cancelled (skipped) annotations are counted and
-ignored.
+ignored. Tasks whose data carry `rmflow_reannotate` (pairs rmflow sent back for re-annotation)
+supersede every earlier judgement of their pair on that prompt.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from rmcore.converters.common import (
     Quarantine,
     iter_json_records,
     require_text,
+    supersede_relabelled_pairs,
     validate_ranking,
 )
 from rmcore.records import Completion, Ranking, text_id
@@ -191,7 +193,8 @@ def ranking_from_annotation(task: dict, annotation: dict, cfg: LabelConfig, sour
         source=source,
         timestamp=annotation.get("updated_at") or annotation.get("created_at"),
         presented_order=presented,
-        meta={"task_id": task.get("id"), "annotation_id": annotation.get("id")},
+        meta={"task_id": task.get("id"), "annotation_id": annotation.get("id"),
+              **({"reannotation": True} if data.get("rmflow_reannotate") else {})},
     )
     return validate_ranking(ranking)
 
@@ -247,6 +250,7 @@ def rankings_from_tasks(
                 out.rankings.append(ranking_from_annotation(task, a, cfg, source))
             except InvalidRecord as e:
                 quarantine.add(f"{locator} annotation {a.get('id')}", str(e), {"task": task, "annotation": a})
+    out.rankings, out.relabelled = supersede_relabelled_pairs(out.rankings)
     return out
 
 
