@@ -2,6 +2,8 @@
 MLflow registry and a local Ray runtime (no mocks)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -88,3 +90,61 @@ def test_label_studio_down_fails_the_flow_and_keeps_the_watermark(prefect_harnes
     with pytest.raises(Exception, match="unreachable"):
         state.result()
     assert Variable.get(watermark_variable(PROJECT), default=None) == before
+
+
+def test_active_labelling_round_trips_through_label_studio(label_studio, prefect_harness, tmp_path):
+    """Doubtful pairs go to the real Label Studio as tagged two-response tasks (capped by the flow
+    parameter, never sent twice); a person's new labels replace the old judgements of those pairs."""
+    import numpy as np
+
+    from flows.pipeline import request_reannotation
+    from infra import labelstudio as local
+    from rmcore.config import RunConfig
+    from rmcore.dataset import SPLITS, load_groups, load_pairs
+    from tasks import labelstudio as lst
+    from tasks.strength import write_strength_dataset
+
+    project = "reannotation-test"
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, project, 3)
+    items = [{"prompt": f"Question {i}: how?", "responses": [f"best {i}", f"middle {i}", f"worst {i}"], "order": [0, 1, 2]}
+             for i in range(6)]
+    lst.import_tasks(ls, project_id, items)
+    lst.simulate_annotators(project_id, annotators=1)
+    root = tmp_path / "labels"
+    labels = lst.dataset_from_snapshot(Path(lst.pull_snapshot(project, root)["snapshot"]), root, None)
+    data = Path(labels["dataset"])
+
+    # an ensemble that doubts exactly the (best, worst) pair of every prompt
+    groups = load_groups(data)
+    splits = {}
+    for split in SPLITS:
+        rows = groups[split].to_list()
+        doubted = np.array([r["completions"][w].startswith("best") and r["completions"][l].startswith("worst")
+                            for r in rows for w, l in r["pairs"]], dtype=bool)
+        splits[split] = {"rows": rows, "mean": np.where(doubted, -1.0, 2.0), "std": np.where(doubted, 0.5, 0.1)}
+    cfg = RunConfig.model_validate({"strength": {"ensemble": 3, "strategy": "flip"}})
+    strength_dir, counts = write_strength_dataset(cfg, data, {"splits": splits, "members": [], "mlflow_runs": []}, tmp_path)
+    assert counts["reannotation_candidates"] == 6
+
+    assert request_reannotation(project, str(strength_dir), max_tasks=4)["sent"] == 4
+    assert request_reannotation(project, str(strength_dir), max_tasks=4)["sent"] == 2  # the first 4 are not sent again
+    tasks = [t for t in ls.tasks.list(project=project_id, fields="all") if t.data.get("rmflow_reannotate")]
+    assert len(tasks) == 6 and all(len(t.data["items"]) == 2 for t in tasks)
+
+    # a person re-labels five of them through the API: worst over best, as the ensemble suspected
+    person = lst.connect(token=local.create_user("sim-0@rmflow.local"))
+    relabelled = []
+    for task in tasks[:5]:
+        ids = {item["body"].split()[0]: item["id"] for item in task.data["items"]}
+        person.annotations.create(id=task.id, result=lst.ranker_result([ids["worst"], ids["best"]]))
+        relabelled.append(task.data["prompt"])
+    after = lst.dataset_from_snapshot(Path(lst.pull_snapshot(project, root)["snapshot"]), root, labels["watermark"])
+    assert after["new_rankings"] == 5 and after["relabelled"] == 5 and after["version"] != labels["version"]
+    pairs = [p for split in load_pairs(Path(after["dataset"])).values() for p in split.to_list()]
+    for i in range(6):
+        prompt = f"Question {i}: how?"
+        extremes = [(p["chosen"].split()[0], p["rejected"].split()[0]) for p in pairs
+                    if p["prompt"] == prompt and {p["chosen"].split()[0], p["rejected"].split()[0]} == {"best", "worst"}]
+        assert extremes == ([("worst", "best")] if prompt in relabelled else [("best", "worst")]), prompt
+        assert sum(p["prompt"] == prompt for p in pairs) == 3  # the other two judgements stay
