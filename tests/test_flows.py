@@ -31,12 +31,12 @@ def params(tiny_bert, tmp_path_factory):
     )
 
 
-def label(n: int, seed: int) -> None:
+def label(n: int, seed: int, project: str = PROJECT) -> None:
     from rmcore.synthetic import synthetic_items
     from tasks import labelstudio as lst
 
     ls = lst.connect()
-    project_id = lst.ensure_project(ls, PROJECT, 4)
+    project_id = lst.ensure_project(ls, project, 4)
     items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(n, 4, seed=seed)]
     assert lst.import_tasks(ls, project_id, items)["imported"] == n
     lst.simulate_annotators(project_id, annotators=2, noise=0.3, seed=seed)
@@ -148,3 +148,27 @@ def test_active_labelling_round_trips_through_label_studio(label_studio, prefect
                     if p["prompt"] == prompt and {p["chosen"].split()[0], p["rejected"].split()[0]} == {"best", "worst"}]
         assert extremes == ([("worst", "best")] if prompt in relabelled else [("best", "worst")]), prompt
         assert sum(p["prompt"] == prompt for p in pairs) == 3  # the other two judgements stay
+
+
+def test_pipeline_with_an_ensemble_trains_on_strengths_and_sends_doubtful_pairs(label_studio, prefect_harness, params):
+    from flows.pipeline import reward_pipeline
+    from tasks import labelstudio as lst
+    from tasks.registry import configure_mlflow
+
+    project = "ensemble-flow-test"
+    label(30, seed=31, project=project)
+    run = params.run.model_copy(update={"scale": params.run.scale.model_copy(update={"workers": 1}),
+                                        "strength": params.run.strength.model_copy(update={"ensemble": 2, "strategy": "flip+margin"})})
+    ensemble_params = params.model_copy(update={"project": project, "model_name": "ensemble-reward", "run": run, "reannotate_max": 5})
+    result = reward_pipeline(ensemble_params)
+    assert Path(result["trained_on"]).name.startswith(result["dataset_version"] + "-strength-")
+    assert len(result["strength"]["mlflow_runs"]) == 2 and result["strength"]["pairs"] > 0
+    assert result["reannotation"]["sent"] == min(5, result["reannotation"]["candidates"]) > 0
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, project, 4)
+    sent = [t for t in ls.tasks.list(project=project_id, fields="all") if t.data.get("rmflow_reannotate")]
+    assert len(sent) == result["reannotation"]["sent"]
+    version = configure_mlflow().get_model_version("ensemble-reward", result["version"])
+    assert version.tags["label_dataset_version"] == result["dataset_version"] != version.tags["dataset_version"]
+    # unanswered re-annotation tasks add no label: the same labels and config are not trained again
+    assert reward_pipeline(ensemble_params)["skipped"]
