@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--ensemble", type=int, default=3)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--sequential", action="store_true", help="Train ensemble members one after another in-process.")
+    p.add_argument("--flip-fraction", type=float, default=0.0, help="Select the bottom fraction by mean strength "
+                   "instead of every pair with a negative mean.")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -60,11 +63,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             data = prepare(kind, args.shared, Path(work), args.limit)
             base = {"model": {"backbone": args.backbone, "max_length": args.max_length},
                     "optim": {"lr": args.lr, "epochs": args.epochs}}
-            strength = {"ensemble": args.ensemble, "parallel": not args.sequential}
+            strength = {"ensemble": args.ensemble, "parallel": not args.sequential, "flip_fraction": args.flip_fraction}
             ensemble = ensemble_strengths(RunConfig.model_validate({**base, "strength": strength}), data)
             emit(ensemble_row(kind, ensemble))
             annotated, _ = strength_rows(ensemble, StrengthConfig())
-            for strategy in STRATEGIES:
+            for strategy in args.strategies.split(","):
                 loss = "margin" if strategy == "margin" else "bt"
                 cfg = RunConfig.model_validate({**base, "loss": {"name": loss}, "strength": {
                     **strength, "strategy": strategy if "+" in strategy else "none"}})
