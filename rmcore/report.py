@@ -128,9 +128,10 @@ def write_strength_report(out_dir: Path, strengths: dict[str, dict[str, list[flo
     train_mean, train_std = np.array(strengths["train"]["mean"]), np.array(strengths["train"]["std"])
     heldout = np.concatenate([np.array(strengths[s]["mean"]) for s in ("validation", "test") if s in strengths] or [np.zeros(0)])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(train_mean, bins=40, alpha=0.6, density=True, label=f"train ({len(train_mean)} pairs)")
+    bins = np.histogram_bin_edges(np.concatenate([train_mean, heldout]), bins=40)
+    ax.hist(train_mean, bins=bins, alpha=0.6, density=True, label=f"train ({len(train_mean)} pairs)")
     if len(heldout):
-        ax.hist(heldout, bins=40, alpha=0.6, density=True, label=f"held-out ({len(heldout)} pairs)")
+        ax.hist(heldout, bins=bins, alpha=0.6, density=True, label=f"held-out ({len(heldout)} pairs)")
     ax.axvline(0, color="k", lw=1, ls="--")
     ax.set(xlabel="mean strength  r_chosen - r_rejected", ylabel="density", title="Preference strength (ensemble mean)")
     ax.legend()
