@@ -1,7 +1,9 @@
 """`rmflow bench secrets`: preference-strength strategies on real human data, held-out accuracy.
 
 Per dataset (qa-feedback K=4, hh-rlhf), same backbone and per-model budget, test split:
-  bt · margin · flip+margin · soft+margin   (strategies use one ensemble of M models)
+  bt · margin · flip+margin · soft+margin   (strategies use one ensemble of M models, loss bt;
+  `margin` is the adaptive margin = mean strength; `margin-loss`, not run by default, is Llama 2's
+  margin loss with the rank-distance margin, for comparison; `flip`, `soft` also accepted)
 One JSON line per (dataset, strategy): accuracy and its 95% bootstrap CI over the test pairs, the
 same over validation+test pooled (no model selection uses validation, so both are held out), and
 test accuracy per decile of the ensemble's held-out strength. One line per dataset for the ensemble
@@ -68,11 +70,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             emit(ensemble_row(kind, ensemble))
             annotated, _ = strength_rows(ensemble, StrengthConfig())
             for strategy in args.strategies.split(","):
-                loss = "margin" if strategy == "margin" else "bt"
-                cfg = RunConfig.model_validate({**base, "loss": {"name": loss}, "strength": {
-                    **strength, "strategy": strategy if "+" in strategy else "none"}})
+                uses_strength = strategy not in ("bt", "margin-loss")
+                cfg = RunConfig.model_validate({**base, "loss": {"name": "margin" if strategy == "margin-loss" else "bt"},
+                                                "strength": {**strength, "strategy": strategy if uses_strength else "none"}})
                 train_dir, counts = data, {}
-                if "+" in strategy:
+                if uses_strength:
                     train_dir, counts = write_strength_dataset(cfg, data, ensemble, Path(work))
                     cfg = final_run_config(cfg)
                 cfg = cfg.model_copy(update={"strength": cfg.strength.model_copy(update={"ensemble": 0})})

@@ -1,6 +1,7 @@
 """Ray Train on a real local Ray runtime (no mocks): N workers, and recovery from a killed worker."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -66,19 +67,26 @@ def slower_backbone(tmp_path_factory, tiny_bert) -> Path:
 
 
 def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], deadline_s: float = 400) -> None:
-    """SIGKILLs one Ray Train worker process (titled `ray::RayTrainWorker...`) once the first
-    checkpoint is registered. `report` is a barrier, so a second checkpoint folder being written
-    means the first one is complete."""
+    """SIGKILLs one Ray Train worker process (titled `ray::RayTrainWorker...`) once the controller
+    has registered a checkpoint: it then lists it in the run's checkpoint-manager snapshot (a folder
+    on disk alone may not be registered yet when the machine is busy)."""
     import psutil
 
     end = time.time() + deadline_s
-    while time.time() < end and sum(1 for p in run_dir.glob("checkpoint*") if p.is_dir()) < 2:
+    while time.time() < end and not registered_checkpoints(run_dir):
         time.sleep(0.1)
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
             os.kill(proc.info["pid"], signal.SIGKILL)
             killed.append(proc.info["pid"])
             return
+
+
+def registered_checkpoints(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
 
 
 def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_runtime, slower_backbone, tmp_path):
