@@ -1,6 +1,7 @@
 """The reward-model pipeline as Prefect flows: collect → build dataset → train (Ray) → evaluate and
-promote (MLflow) → with a strength ensemble, send doubtful pairs back for re-annotation. Tasks pass URIs (snapshot file, dataset folder, model folder, `models:/`), never
-objects, and network tasks retry with backoff.
+promote (MLflow) → with a strength ensemble, send doubtful pairs back for re-annotation. Tasks pass
+URIs (snapshot file, dataset folder, model folder, `models:/`), never objects, and network tasks
+retry with backoff.
 
 The label watermark lives in the Prefect Variable `rmflow-watermark-<project>` and advances only
 at the end of a successful pipeline run, so a failed run skips no label.

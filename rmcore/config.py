@@ -111,7 +111,7 @@ class ScaleConfig(_Strict):
 
 class StrengthConfig(_Strict):
     ensemble: int = Field(0, ge=0, description="M reward models trained for preference strength; 0 = off.")
-    strategy: Strategy = Field(Strategy.none, description="What to do with the strength: flip the lowest pairs, "
+    strategy: Strategy = Field(Strategy.none, validate_default=True, description="What to do with the strength: flip the lowest pairs, "
                                "soft (label smoothing on them), margin (adaptive margin = mean strength), or both.")
     flip_below: float = Field(0.0, description="Pairs with mean strength below this are flipped/smoothed.")
     flip_fraction: float = Field(0.0, ge=0, lt=1, description="Alternatively, the bottom fraction of pairs by "

@@ -43,9 +43,8 @@ def apply_strategy(rows: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray
     """New group rows with the strategy applied; `mean`/`std` follow the rows' pairs in order.
     Adds per-pair columns `strengths` (mean strength of the pair as now oriented), `strength_std`
     and `smoothing`."""
-    strategy = cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy.value
     selected = low_strength_mask(mean, cfg)
-    flip, soft = strategy.startswith("flip"), strategy.startswith("soft")
+    flip, soft = cfg.strategy.startswith("flip"), cfg.strategy.startswith("soft")
     out, n = [], 0
     for row in rows:
         row = copy.deepcopy(row)
@@ -67,8 +66,7 @@ def apply_strategy(rows: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray
 def final_run_config(cfg: RunConfig) -> RunConfig:
     """The run config for the model trained on strength-annotated data: strategies with a margin
     turn on the loss's adaptive margin."""
-    strategy = cfg.strength.strategy if isinstance(cfg.strength.strategy, str) else cfg.strength.strategy.value
-    if not strategy.endswith("margin"):
+    if not cfg.strength.strategy.endswith("margin"):
         return cfg
     return cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"adaptive_margin": cfg.strength.margin_coef})})
 

@@ -137,8 +137,7 @@ def strength_report(strength_dir: Path, model_dir: Path, out_dir: Path) -> list[
     groups = load_groups(strength_dir)
     heldout = groups["validation"].to_list() + groups["test"].to_list()
     deciles = evaluate_rows(RewardScorer(model_dir), heldout).metrics.get("accuracy_by_strength_decile") if heldout else None
-    strategy = cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy.value
-    return write_strength_report(Path(out_dir), strengths, strategy_counts(np.array(strengths["train"]["mean"]), cfg), strategy, deciles)
+    return write_strength_report(Path(out_dir), strengths, strategy_counts(np.array(strengths["train"]["mean"]), cfg), cfg.strategy, deciles)
 
 
 def read_reannotation_candidates(strength_dir: Path) -> list[ReannotationRequest]:
