@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bootstraps rmflow's virtualenv, then runs one of:
 #   ./run.sh demo        the end-to-end pipeline on embedded defaults (rmflow demo)
-#   ./run.sh test [...]  the test suite (extra args go to pytest)
+#   ./run.sh test [...]  ruff, then the test suite (extra args go to pytest; -m "not slow" is the quick subset)
 #   ./run.sh bench ...   a benchmark (rmflow bench ...)
 #   ./run.sh rmflow ...  any rmflow command
 # On a machine without CUDA the CPU build of torch is installed first, so pip never pulls the
@@ -28,7 +28,7 @@ fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   demo)   exec "$VENV/bin/rmflow" demo "$@" ;;
-  test)   exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)   "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;
   bench)  exec "$VENV/bin/rmflow" bench "$@" ;;
   rmflow) exec "$VENV/bin/rmflow" "$@" ;;
   *) echo "usage: ./run.sh demo|test|bench|rmflow [args]" >&2; exit 2 ;;

@@ -2,7 +2,7 @@
 real hh-rlhf lengths, rmflow's loop (length-bucketed, unique sequences) vs a padded batch-of-8 loop.
 
 MFU = 6 · params · non-pad tokens / seconds / measured bf16 peak (a large matmul timed here).
-Run on the device machine: `python -m bench.gpu_mfu --size 0.5b` (add `--workers 1` to go
+Run on the device machine: `python -m rmflow.bench.gpu_mfu --size 0.5b` (add `--workers 1` to go
 through Ray Train with one GPU worker).
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from bench.train_vs_trl import prepare
-from rmcore.batching import Encoder
+from rmcore.batching import Encoder, encode_groups
 from rmcore.config import RunConfig
 from rmcore.model import load_tokenizer, resolve_backbone
-from rmcore.train import encoded_split
+from rmcore.train import split_rows
+from rmflow.bench.train_vs_trl import prepare
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate
     "0.5b": (896, 24, 14, 2, 4864),
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
             "model": {"backbone": str(backbone), "max_length": args.max_length, "head": "scalar", "dtype": "bfloat16"},
             "optim": {"pairs_per_step": args.pairs_per_step, "max_tokens_per_forward": args.max_tokens, "lr": 1e-5},
             "scale": {"workers": args.workers, "use_gpu": args.workers > 0}, "device": "cuda"})
-        from tasks.train import run_training
+        from rmflow.infra.ray_train import fit
 
-        summary = run_training(cfg, data, Path(work) / "model")
-        groups = encoded_split(data, "train", Encoder(load_tokenizer(str(backbone)), args.max_length))
+        summary = fit(cfg, data, Path(work) / "model")
+        groups = encode_groups(split_rows(data, "train"), Encoder(load_tokenizer(str(backbone)), args.max_length))
         useful = sum(g.tokens for g in groups)
         ours_mfu = 6 * params * useful / summary["train_s"] / (peak * 1e12)
         print(json.dumps({"system": "rmflow", "size": args.size, "params_non_embedding": params, "pairs_per_s": summary["pairs_per_s"],

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.train_vs_trl import common_args, emit, prepare
 from rmcore.config import RunConfig, StrengthConfig
-from rmcore.report import evaluate_rows
+from rmcore.evaluate import evaluate_rows
 from rmcore.scoring import RewardScorer
-from rmcore.strength import final_run_config
-from tasks.strength import ensemble_strengths, strength_rows, write_strength_dataset
-from tasks.train import run_training
+from rmflow.bench.train_vs_trl import common_args, emit, prepare
+from rmflow.tasks.strength import ensemble_strengths, strength_rows, write_strength_dataset
+from rmflow.tasks.train import train_model
 
 STRATEGIES = ("bt", "margin", "flip+margin", "soft+margin")
 
@@ -74,12 +73,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 cfg = RunConfig.model_validate({**base, "loss": {"name": "margin" if strategy == "margin-loss" else "bt"},
                                                 "strength": {**strength, "strategy": strategy if uses_strength else "none"}})
                 train_dir, counts = data, {}
-                if uses_strength:
-                    train_dir, counts = write_strength_dataset(cfg, data, ensemble, Path(work))
-                    cfg = final_run_config(cfg)
-                cfg = cfg.model_copy(update={"strength": cfg.strength.model_copy(update={"ensemble": 0})})
+                if uses_strength:  # the strength stage's output, from this one ensemble
+                    strength = write_strength_dataset(cfg, data, ensemble, Path(work))
+                    cfg, train_dir, counts = strength.run, Path(strength.dataset), strength.summary
                 model_dir = Path(work) / f"{kind}-{strategy}"
-                run_training(cfg, train_dir, model_dir)
+                train_model(cfg, train_dir, model_dir)
                 scorer = RewardScorer(model_dir)
                 test = held_out(scorer, annotated["test"])
                 pooled = held_out(scorer, annotated["validation"] + annotated["test"])

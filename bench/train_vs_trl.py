@@ -6,7 +6,7 @@ Prints one JSON line per (dataset, system) and one with the ratio per dataset:
 Held-out accuracy is measured on the test split. TRL drops pairs longer than max_length (its
 documented behaviour), rmflow truncates the prompt instead; both counts are printed.
 
-Run: `rmflow bench train` or `python -m bench.train_vs_trl --help`.
+Run: `rmflow bench train` or `python -m rmflow.bench.train_vs_trl --help`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def run_rmflow(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any
     })
     model_dir = data.parent / f"rmflow-{kind}"
     summary = train_reward_model(cfg, data, model_dir)
-    metrics, diffs = evaluate_saved_model(model_dir, data, "test", device=args.device)
+    metrics = evaluate_saved_model(model_dir, data, "test", device=args.device).metrics
     return {"pairs_trained": summary["pairs_trained"], "pairs_truncated": summary["pairs_truncated"],
             "train_s": summary["train_s"], "pairs_per_s": summary["pairs_per_s"],
             "test_accuracy": metrics["accuracy"], "test_pairs": metrics["n"]}

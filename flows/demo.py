@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flows.pipeline import PipelineParams, reward_pipeline
-from flows.sensor import label_sensor
+from rmflow.flows.pipeline import PipelineParams, reward_pipeline
+from rmflow.flows.sensor import label_sensor
 
 PROJECT, MODEL = "rmflow-demo", "rmflow-demo-reward"
 
@@ -22,7 +22,7 @@ def demo_params(workers: int) -> PipelineParams:
 
 def run_demo(first: int = 60, more: int = 30, annotators: int = 2, workers: int = 2,
              say: Callable[[str], None] = print) -> dict[str, Any]:
-    from infra import stack
+    from rmflow.infra import stack
 
     say("starting the local stack (Prefect server, MLflow UI, Label Studio) …")
     services = stack.up()
@@ -32,14 +32,15 @@ def run_demo(first: int = 60, more: int = 30, annotators: int = 2, workers: int 
 
 def _demo_steps(services: dict[str, Any], first: int, more: int, annotators: int, workers: int,
                 say: Callable[[str], None]) -> dict[str, Any]:
-    from infra import labelstudio
+    from rmcore.names import DEFAULT_RESPONSES as K
     from rmcore.synthetic import synthetic_items
-    from tasks import labelstudio as lst
+    from rmflow.infra import labelstudio
+    from rmflow.infra import labelstudio_api as lst
 
     ls = lst.connect(services["labelstudio"]["url"])
-    project_id = lst.ensure_project(ls, PROJECT, 4)
-    items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(first + more, 4, seed=11)]
-    say(f"seeding {first} prompts × 4 responses; {annotators} simulated annotators rank them in Label Studio …")
+    project_id = lst.ensure_project(ls, PROJECT, K)
+    items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(first + more, K, seed=11)]
+    say(f"seeding {first} prompts × {K} responses; {annotators} simulated annotators rank them in Label Studio …")
     lst.import_tasks(ls, project_id, items[:first])
     lst.simulate_annotators(project_id, annotators, noise=0.5, seed=1)
     params = demo_params(workers)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prefect import serve
 
-from flows.pipeline import PipelineParams, request_reannotation, reward_pipeline
-from flows.sensor import label_sensor
+from rmflow.flows.pipeline import PipelineParams, request_reannotation, reward_pipeline
+from rmflow.flows.sensor import label_sensor
 
 
 def serve_deployments(params: PipelineParams, min_new_labels: int = 20, interval_s: int = 300) -> None:

@@ -1,53 +1,54 @@
-"""Retraining as labels arrive: a flow on an interval schedule counts Label Studio annotations
-newer than the pipeline's watermark and starts the pipeline when at least N arrived.
-
-Open-source Prefect has no inbound webhooks; polling is the supported path (see
-infra/README.md for the optional Label Studio webhook → receiver → `emit_event` route).
-"""
+"""Retraining as labels arrive, by polling: a flow on an interval schedule counts Label Studio
+annotations newer than the pipeline's watermark and starts the pipeline when at least N arrived."""
 from __future__ import annotations
 
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
-from prefect.variables import Variable
 
-from flows.pipeline import PipelineParams, reward_pipeline, watermark_variable
+from rmcore.watermark import read_watermark
+from rmflow.flows.pipeline import PipelineParams, data_root, reward_pipeline
+from rmflow.tasks.collect import count_task
 
 PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"
+IN_FLIGHT = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
-def count_new_annotations(project: str, watermark: str | None) -> int:
-    from tasks.labelstudio import connect, ensure_project, pull_tasks
-
-    ls = connect()
-    count = 0
-    for t in pull_tasks(ls, ensure_project(ls, project, 4)):
-        for a in t.get("annotations") or []:
-            stamp = a.get("updated_at") or a.get("created_at") or ""
-            if not a.get("was_cancelled") and (watermark is None or stamp > watermark):
-                count += 1
-    return count
+@task(name="pipeline-runs-in-flight", retries=2, retry_delay_seconds=[2, 5])
+def pipeline_runs_in_flight(deployment: str = PIPELINE_DEPLOYMENT) -> list[str]:
+    """Runs of the pipeline deployment that are scheduled, pending or running: while one is, the
+    labels it will consume must not start another."""
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                     flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=IN_FLIGHT))))
+    return [str(r.id) for r in runs]
 
 
 @flow(name="label-sensor")
 def label_sensor(params: PipelineParams = PipelineParams(), min_new_labels: int = 20, use_deployment: bool = True) -> dict[str, Any]:
     """Starts the pipeline when ≥ `min_new_labels` annotations arrived since its watermark. On a
-    served stack it runs the `reward-pipeline` deployment (whose concurrency limit of 1 keeps two
-    trainings from overlapping); `use_deployment=False` runs it as a subflow (tests, the demo)."""
+    served stack it starts a `reward-pipeline` deployment run, unless one is already scheduled or
+    running (it will consume these labels); `use_deployment=False` runs it as a subflow (tests)."""
     logger = get_run_logger()
-    watermark = Variable.get(watermark_variable(params.project), default=None)
-    new = count_new_annotations(params.project, watermark)
+    watermark = read_watermark(data_root(params))
+    new = count_task(params.project, watermark)
     if new < min_new_labels:
         logger.info("%d new annotations since %s; waiting for %d", new, watermark, min_new_labels)
         return {"triggered": False, "new_annotations": new}
-    logger.info("%d new annotations since %s: starting the pipeline", new, watermark)
     if use_deployment:
-        run = run_deployment(PIPELINE_DEPLOYMENT, parameters={"params": params.model_dump(mode="json")})
-        if not run.state.is_completed():
-            raise RuntimeError(f"pipeline run {run.id} ended {run.state.type.value}; the watermark stays at {watermark}")
-        result = run.state.result()
-    else:
-        result = reward_pipeline(params)
-    return {"triggered": True, "new_annotations": new, "pipeline": result}
+        busy = pipeline_runs_in_flight()
+        if busy:
+            logger.info("%d new annotations, but pipeline run(s) %s are in flight: not starting another", new, ", ".join(busy))
+            return {"triggered": False, "new_annotations": new, "in_flight": busy}
+        logger.info("%d new annotations since %s: starting the pipeline", new, watermark)
+        # start it and return: the pipeline advances the watermark itself when it succeeds, and the
+        # next sensor runs see it in flight until then
+        run = run_deployment(PIPELINE_DEPLOYMENT, parameters={"params": params.model_dump(mode="json")}, timeout=0)
+        return {"triggered": True, "new_annotations": new, "pipeline_run": str(run.id)}
+    logger.info("%d new annotations since %s: running the pipeline", new, watermark)
+    return {"triggered": True, "new_annotations": new, "pipeline": reward_pipeline(params)}

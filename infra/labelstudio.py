@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.process import ManagedService, ServiceError, free_port, wait_healthy
 from rmcore.paths import rmflow_home
+from rmflow.infra.process import ManagedService, ServiceError, free_port, wait_healthy
 
 VERSION = "1.23.2"
 ADMIN = "admin@rmflow.local"
@@ -80,6 +80,9 @@ def _env(creds: dict[str, str]) -> dict[str, str]:
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
+        # no error reports to Sentry (its default DSN is on): nothing leaves this machine
+        "LABEL_STUDIO_SENTRY_DSN": "",
+        "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_BASE_DATA_DIR": str(ls_home() / "data"),
         "DJANGO_DB": "sqlite",
     }
@@ -135,12 +138,13 @@ def create_user(email: str) -> str:
     if path.is_file():
         return path.read_text().strip()
     token = secrets.token_hex(20)
-    creds = credentials()
-    cmd = [str(ensure_installed()), "init", "--data-dir", str(ls_home() / "data"), "--username", email,
-           "--password", secrets.token_urlsafe(16), "--user-token", token]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_env(creds)}, timeout=300)
+    # user, password and token through the environment, never the command line (visible in `ps`)
+    env = {**os.environ, **_env(credentials()), "LABEL_STUDIO_USERNAME": email,
+           "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(16), "LABEL_STUDIO_USER_TOKEN": token}
+    cmd = [str(ensure_installed()), "init", "--data-dir", str(ls_home() / "data")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
-        raise ServiceError(f"could not create Label Studio user {email}: {proc.stderr[-500:]}")
+        raise ServiceError(f"could not create Label Studio user {email}: {proc.stderr[-500:].replace(token, '***')}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(token)

@@ -2,7 +2,9 @@
 local artifacts) and Label Studio, all bound to 127.0.0.1, state and logs under RMFLOW_HOME.
 
 To use existing services instead, set PREFECT_API_URL, MLFLOW_TRACKING_URI, LABEL_STUDIO_URL +
-LABEL_STUDIO_API_KEY and RAY_ADDRESS; rmflow then starts none of its own.
+LABEL_STUDIO_API_KEY and RAY_ADDRESS: flows and CLI commands then talk to those. `up` still starts
+the local Prefect server and Label Studio; the MLflow server is skipped when MLFLOW_TRACKING_URI
+names a server.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from infra import labelstudio
-from infra.process import ManagedService, free_port, wait_healthy
 from rmcore.paths import mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
+from rmflow.infra import labelstudio
+from rmflow.infra.process import ManagedService, free_port, wait_healthy
 
 PREFECT_PORT, MLFLOW_PORT = 4200, 5000
 
@@ -36,7 +38,10 @@ def mlflow_service() -> ManagedService:
 
 
 def prefect_env() -> dict[str, str]:
-    return {"PREFECT_HOME": str(rmflow_home() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    """The Prefect server's environment; `{port}` is the port it really gets. The UI calls the API
+    at PREFECT_UI_API_URL, which must follow the server when 4200 is taken."""
+    return {"PREFECT_HOME": str(rmflow_home() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api"}
 
 
 def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, str], health: str, timeout_s: float) -> dict[str, Any]:
@@ -46,7 +51,7 @@ def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, s
         return {"url": state["url"], "started": False}
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
-    proc = svc.spawn([part.format(port=port) for part in cmd], env, marker=svc.name)
+    proc = svc.spawn([part.format(port=port) for part in cmd], {k: v.format(port=port) for k, v in env.items()}, marker=svc.name)
     wait_healthy(url + health, timeout_s, alive=lambda: proc.poll() is None)
     svc.record(url=url)
     return {"url": url, "started": True}

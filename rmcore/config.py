@@ -1,8 +1,11 @@
-"""One typed config per training run. Field descriptions are the documentation: the CLI help, the
-Prefect UI form and the MLflow params all come from these models."""
+"""One typed config per training run, declared once. Field descriptions are the documentation: the
+`rmflow train` options (generated from these fields by `rmflow/options.py`; `json_schema_extra`
+`cli` names a field's flag where it differs from the field name), the Prefect run form and the
+MLflow params all come from these models."""
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,7 +34,7 @@ class _Strict(BaseModel):
 
 class LossConfig(_Strict):
     name: LossName = Field(
-        LossName.bt,
+        LossName.bt, json_schema_extra={"cli": "loss"},
         description="bt: -log σ(r_w - r_l). bt_logexp: log(1 + e^(r_l - r_w)), the same loss. margin: "
         "-log σ(r_w - r_l - m) with m the pair's margin (rank distance or rating gap; Llama 2). kwise: "
         "InstructGPT, all pairs of a prompt in one batch, each prompt's pairs weighted 1/#pairs. "
@@ -100,7 +103,7 @@ class OptimConfig(_Strict):
 
 class ScaleConfig(_Strict):
     workers: int = Field(1, ge=0, description="Ray Train workers. 0 or 1 trains in-process without Ray.")
-    use_gpu: bool = Field(False, description="One GPU per worker (nccl); CPU workers use gloo.")
+    use_gpu: bool = Field(False, json_schema_extra={"cli": "gpu"}, description="One GPU per worker (nccl); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (leave the driver room).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
@@ -142,7 +145,6 @@ class RunConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     strength: StrengthConfig = Field(default_factory=StrengthConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
 
     @model_validator(mode="after")
@@ -155,3 +157,23 @@ class RunConfig(_Strict):
         """`section.field` → value, the form MLflow params take."""
         return {f"{section}.{k}": v for section, values in self.model_dump().items()
                 if isinstance(values, dict) for k, v in values.items()} | {"device": self.device}
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """`tree["a"]["b"] = value` for `dotted` = "a.b"."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_run_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A RunConfig from an optional YAML/JSON file, then `section.field` → value overrides
+    (None values are ignored), validated once."""
+    import yaml
+
+    tree = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(tree, dotted, value)
+    return RunConfig.model_validate(tree)

@@ -65,6 +65,17 @@ STRENGTH_FEATURES = datasets.Features({
 })
 
 
+def parse_fractions(spec: str) -> tuple[float, float, float]:
+    """"0.8,0.1,0.1" → train, validation, test fractions (non-negative, summing to 1)."""
+    try:
+        parts = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--split must be three numbers, got {spec!r}") from None
+    if len(parts) != 3 or abs(sum(parts) - 1) > 1e-6 or min(parts) < 0:
+        raise ValueError(f"--split must be three non-negative fractions summing to 1, got {spec!r}")
+    return parts  # type: ignore[return-value]
+
+
 def split_of(prompt: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split from the prompt text's hash."""
     u = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2**64

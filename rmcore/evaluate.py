@@ -1,19 +1,18 @@
-"""Evaluating a saved reward model on a dataset folder's split or on a raw file."""
+"""Evaluating a reward model on groups of completions: a dataset folder's split or a raw file.
+Scores every completion once, then `rmcore.metrics.evaluate_rewards` derives every metric."""
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from rmcore.batching import EncodedGroup, Encoder, encode_groups
 from rmcore.converters import convert_file
 from rmcore.converters.common import group_from_ranking
 from rmcore.dataset import load_groups
-from rmcore.model import RewardModel
-from rmcore.train import evaluate_groups, resolve_device
+from rmcore.metrics import Evaluation, evaluate_rewards
+from rmcore.scoring import RewardScorer
+
+PROBE_RESPONSES = 3
 
 
 def group_rows(data: Path, split: str = "test", kind: str | None = None) -> list[dict[str, Any]]:
@@ -27,16 +26,19 @@ def group_rows(data: Path, split: str = "test", kind: str | None = None) -> list
     return [asdict(group_from_ranking(r)) for r in convert_file(kind, data).rankings]
 
 
-def encode_for_model(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[EncodedGroup]:
-    return encode_groups(rows, Encoder(tokenizer, max_length))
+def evaluate_rows(scorer: RewardScorer, rows: list[dict[str, Any]], probes: bool = False) -> Evaluation:
+    """The evaluation of `rows` by `scorer`; with `probes`, per-token reward probes of the best
+    completion of the first few prompts (a fixed choice, so successive versions see the same text)."""
+    prompts = [r["prompt"] for r in rows for _ in r["completions"]]
+    texts = [c for r in rows for c in r["completions"]]
+    evaluation = evaluate_rewards(rows, scorer.score(prompts, texts))
+    if probes:
+        for r in rows[:PROBE_RESPONSES]:
+            tokens, rewards = scorer.prefix_rewards(r["prompt"], r["completions"][0])
+            evaluation.probes.append({"prompt": r["prompt"][-200:], "tokens": tokens, "rewards": rewards.tolist()})
+    return evaluation
 
 
-def evaluate_saved_model(
-    model_dir: Path, data: Path, split: str = "test", kind: str | None = None, device: str = "auto"
-) -> tuple[dict[str, float], np.ndarray]:
-    model, tokenizer = RewardModel.load(model_dir)
-    dev = resolve_device(device)
-    model.to(dev)
-    groups = encode_for_model(group_rows(data, split, kind), tokenizer, model.cfg.max_length)
-    with torch.no_grad():
-        return evaluate_groups(model, groups, tokenizer.pad_token_id, dev, max_tokens=4096)
+def evaluate_saved_model(model_dir: Path, data: Path, split: str = "test", kind: str | None = None,
+                         device: str = "auto") -> Evaluation:
+    return evaluate_rows(RewardScorer(model_dir, device), group_rows(data, split, kind))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rmcore.config import LossConfig
+from rmcore.config import LossConfig, LossName
 
 
 @dataclass
@@ -109,12 +109,13 @@ def reward_centering(rewards: torch.Tensor, idx: PairIndex) -> torch.Tensor:
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, PairIndex, LossConfig], torch.Tensor]] = {
-    "bt": bt_loss,
-    "bt_logexp": bt_logexp_loss,
-    "margin": margin_loss,
-    "kwise": kwise_loss,
-    "plackett_luce": plackett_luce_loss,
+    LossName.bt: bt_loss,
+    LossName.bt_logexp: bt_logexp_loss,
+    LossName.margin: margin_loss,
+    LossName.kwise: kwise_loss,
+    LossName.plackett_luce: plackett_luce_loss,
 }
+assert set(LOSSES) == set(LossName), "every LossName needs its loss function"
 
 
 def compute_loss(rewards: torch.Tensor, idx: PairIndex, cfg: LossConfig) -> torch.Tensor:

@@ -1,9 +1,20 @@
-"""Reward-model metrics from per-pair reward differences d = r_chosen - r_rejected."""
+"""Reward-model metrics. `evaluate_rewards` is the one evaluation every caller uses — training
+validation, `rmflow evaluate`, the promotion gate, the strength ensemble and the benchmarks: it
+takes the groups (rows of the dataset's groups view) and one reward per completion, and derives
+every metric from those.
+
+Beyond accuracy it measures what bites reward models in RL: calibration (ECE + reliability),
+length bias (Spearman between reward and response length; accuracy when the chosen response is
+the shorter one), accuracy per rank distance and per preference-strength decile.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
 
 def strict_accuracy(diffs: np.ndarray) -> float:
@@ -70,3 +81,55 @@ def flat_pair_indices(groups: Iterable[tuple[int, Sequence, Sequence]]) -> tuple
         tie_b += [base + b for _, b in ties]
         base += k
     return tuple(np.array(x, dtype=np.int64) for x in (chosen, rejected, tie_a, tie_b))
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    correct: np.ndarray  # per strict pair, in a fixed order: the unit of the paired bootstrap
+    chosen_rewards: np.ndarray
+    rejected_rewards: np.ndarray
+    reliability: list[dict[str, float]]
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def diffs(self) -> np.ndarray:
+        return self.chosen_rewards - self.rejected_rewards
+
+
+def evaluate_rewards(rows: list[dict[str, Any]], rewards: np.ndarray) -> Evaluation:
+    """Every metric of `rows` (groups: completions, pairs, ties, blocks, optional strengths) from
+    `rewards`, one per completion in the rows' order."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    texts = [c for r in rows for c in r["completions"]]
+    if len(texts) != len(rewards):
+        raise ValueError(f"{len(rewards)} rewards for {len(texts)} completions")
+    w, l, tie_a, tie_b = flat_pair_indices((len(r["completions"]), r["pairs"], r["ties"]) for r in rows)
+    d = rewards[w] - rewards[l]
+    metrics: dict[str, Any] = pair_metrics(d, rewards[tie_a] - rewards[tie_b], rewards)
+    lengths = np.array([len(t.split()) for t in texts])
+    metrics["length_bias"] = float(spearmanr(rewards, lengths).statistic) if len(set(lengths.tolist())) > 1 else 0.0
+    shorter = lengths[w] < lengths[l] if len(w) else np.zeros(0, dtype=bool)
+    metrics["accuracy_chosen_shorter"] = float((d[shorter] > 0).mean()) if shorter.any() else float("nan")
+    if any("blocks" in r for r in rows):
+        blocks = np.array([b for r in rows for b in r["blocks"]], dtype=np.int64)
+        metrics["accuracy_by_rank_distance"] = _bucketed(d, blocks[l] - blocks[w], lambda v: str(int(v)))
+    s = np.array([x for r in rows for x in (r.get("strengths") or [np.nan] * len(r["pairs"]))], dtype=float)
+    if np.isfinite(s).any():
+        edges = np.nanquantile(s, np.linspace(0.1, 0.9, 9))
+        metrics["accuracy_by_strength_decile"] = _bucketed(d, s, lambda v: f"d{int(np.searchsorted(edges, v)) + 1:02d}")
+    return Evaluation(metrics, (d > 0).astype(np.int8), rewards[w], rewards[l], reliability_curve(d) if len(d) else [])
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics that are single numbers (what goes to MLflow metrics and summaries)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def _bucketed(diffs: np.ndarray, keys: np.ndarray, name) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    labels = np.array([name(k) for k in keys]) if len(keys) else np.array([])
+    for label in sorted(set(labels.tolist())):
+        m = labels == label
+        out[label] = {"accuracy": float((diffs[m] > 0).mean()), "n": int(m.sum())}
+    return out

@@ -1,72 +1,13 @@
-"""The full evaluation of a reward model on one evaluation set: metrics, plots, markdown report.
-
-Beyond accuracy it measures what bites reward models in RL: calibration (ECE + reliability),
-length bias (Spearman between reward and response length; accuracy when the chosen response is
-the shorter one), accuracy per rank distance and per preference-strength decile, and a per-token
-probe (reward of every prefix of a few fixed responses).
-"""
+"""Reports of an evaluation (`rmcore.metrics.Evaluation`): markdown and PNG plots (reward
+histograms, reliability, per-token probes), and the preference-strength report."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
-from rmcore.metrics import flat_pair_indices, pair_metrics, reliability_curve
-from rmcore.scoring import RewardScorer
-
-PROBE_RESPONSES = 3
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, Any]
-    correct: np.ndarray  # per strict pair, in a fixed order: the unit of the paired bootstrap
-    chosen_rewards: np.ndarray
-    rejected_rewards: np.ndarray
-    reliability: list[dict[str, float]]
-    probes: list[dict[str, Any]] = field(default_factory=list)
-
-
-def evaluate_rows(scorer: RewardScorer, rows: list[dict[str, Any]]) -> Evaluation:
-    """Scores every completion of every group once and derives all metrics from those scores."""
-    prompts = [r["prompt"] for r in rows for _ in r["completions"]]
-    texts = [c for r in rows for c in r["completions"]]
-    rewards = scorer.score(prompts, texts)
-    w, l, tie_a, tie_b = flat_pair_indices((len(r["completions"]), r["pairs"], r["ties"]) for r in rows)
-    d = rewards[w] - rewards[l]
-    metrics = pair_metrics(d, rewards[tie_a] - rewards[tie_b], rewards)
-    lengths = np.array([len(t.split()) for t in texts])
-    blocks = np.array([b for r in rows for b in r["blocks"]])
-    metrics["length_bias"] = float(spearmanr(rewards, lengths).statistic) if len(set(lengths)) > 1 else 0.0
-    shorter = lengths[w] < lengths[l]
-    metrics["accuracy_chosen_shorter"] = float((d[shorter] > 0).mean()) if shorter.any() else float("nan")
-    metrics["accuracy_by_rank_distance"] = _bucketed(d, blocks[l] - blocks[w], lambda v: str(int(v)))
-    s = np.array([x for r in rows for x in (r.get("strengths") or [np.nan] * len(r["pairs"]))], dtype=float)
-    if np.isfinite(s).any():
-        edges = np.nanquantile(s, np.linspace(0.1, 0.9, 9))
-        metrics["accuracy_by_strength_decile"] = _bucketed(d, s, lambda v: f"d{int(np.searchsorted(edges, v)) + 1:02d}")
-    return Evaluation(metrics, (d > 0).astype(np.int8), rewards[w], rewards[l], reliability_curve(d))
-
-
-def _bucketed(diffs: np.ndarray, keys: np.ndarray, name) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    labels = np.array([name(k) for k in keys]) if len(keys) else np.array([])
-    for label in sorted(set(labels)):
-        m = labels == label
-        out[label] = {"accuracy": float((diffs[m] > 0).mean()), "n": int(m.sum())}
-    return out
-
-
-def add_probes(scorer: RewardScorer, rows: list[dict[str, Any]], evaluation: Evaluation) -> None:
-    """Per-token probes on the best completion of the first few prompts (a fixed choice, so
-    successive model versions are probed on the same text)."""
-    for r in rows[:PROBE_RESPONSES]:
-        tokens, rewards = scorer.prefix_rewards(r["prompt"], r["completions"][0])
-        evaluation.probes.append({"prompt": r["prompt"][-200:], "tokens": tokens, "rewards": rewards.tolist()})
+from rmcore.metrics import Evaluation
 
 
 def write_report(evaluation: Evaluation, out_dir: Path, title: str, gate_table: list[dict] | None = None) -> list[Path]:

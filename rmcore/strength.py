@@ -16,12 +16,18 @@ Active labelling: the pairs the ensemble doubts most — negative mean strength,
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rmcore.config import RunConfig, StrengthConfig
 from rmcore.records import ReannotationRequest
+
+# files of a strength-annotated dataset version beside its splits
+STRENGTH_FILE = "strength.json"  # the ensemble's view: per split, mean and std in the parent's pair order
+REANNOTATION_FILE = "reannotation.jsonl"  # doubtful train pairs, most doubtful first
 
 
 def strength_stats(member_diffs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -80,13 +86,18 @@ def strategy_counts(mean: np.ndarray, cfg: StrengthConfig) -> dict[str, int]:
 
 
 def reannotation_candidates(split_rows: dict[str, list[dict[str, Any]]], split_strength: dict[str, tuple[np.ndarray, np.ndarray]],
-                            std_quantile: float = 0.9) -> list[ReannotationRequest]:
-    """Doubtful pairs of every split, most doubtful first, one per (prompt, pair of texts)."""
+                            std_quantile: float = 0.9, splits: tuple[str, ...] = ("train",)) -> list[ReannotationRequest]:
+    """Doubtful pairs of `splits`, most doubtful first, one per (prompt, pair of texts). Only the
+    train split by default: relabelling exactly the held-out pairs a model doubts would make later
+    test accuracy depend on that model, and change the evaluation labels registered versions were
+    gated on."""
     found: dict[tuple[str, frozenset[str]], ReannotationRequest] = {}
-    stds = np.concatenate([s for _, s in split_strength.values()]) if split_strength else np.zeros(0)
+    stds = np.concatenate([split_strength[k][1] for k in splits if k in split_strength] or [np.zeros(0)])
     std_cut = float(np.quantile(stds, std_quantile)) if len(stds) else np.inf
-    for split, rows in split_rows.items():
-        mean, std = split_strength[split]
+    for split in splits:
+        if split not in split_rows:
+            continue
+        rows, (mean, std) = split_rows[split], split_strength[split]
         n = 0
         for row in rows:
             for w, l in row["pairs"]:
@@ -105,3 +116,37 @@ def _doubt(r: ReannotationRequest) -> tuple[int, float]:
     """Sort key: negative mean strength first, most negative first; then by disagreement. (A z-score
     mean/std ranks worse: with M ≈ 3 members the std is too noisy to divide by.)"""
     return (0, r.mean_strength) if r.mean_strength < 0 else (1, -r.strength_std)
+
+
+def read_reannotation_candidates(strength_dir: Path) -> list[ReannotationRequest]:
+    path = Path(strength_dir) / REANNOTATION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{strength_dir} has no {REANNOTATION_FILE}: train with an ensemble (strength.ensemble > 0) first")
+    return [ReannotationRequest(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_strengths(strength_dir: Path) -> dict[str, dict[str, list[float]]] | None:
+    """split → {"mean", "std"} of a strength-annotated dataset version (None for a plain one)."""
+    path = Path(strength_dir) / STRENGTH_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def slice_by_strength(rows: list[dict[str, Any]], mean: np.ndarray, slices: int) -> list[list[dict[str, Any]]]:
+    """The train pairs sorted by ensemble mean strength and cut into `slices` equal parts (lowest
+    first), each part as group rows holding only its pairs ("Secrets of RLHF", impact of different
+    data: one model per slice). Ties are left out: only strict preferences carry a strength."""
+    pair_of = [(n, p) for n, row in enumerate(rows) for p in range(len(row["pairs"]))]
+    if len(pair_of) != len(mean):
+        raise ValueError(f"{len(mean)} strengths for {len(pair_of)} pairs")
+    if slices < 1 or slices > len(pair_of):
+        raise ValueError(f"cannot cut {len(pair_of)} pairs into {slices} slices")
+    order = np.argsort(mean, kind="stable")
+    out = []
+    for part in np.array_split(order, slices):
+        keep: dict[int, list[int]] = {}
+        for i in sorted(part.tolist()):
+            n, p = pair_of[i]
+            keep.setdefault(n, []).append(p)
+        out.append([{**rows[n], "pairs": [rows[n]["pairs"][p] for p in ps], "margins": [rows[n]["margins"][p] for p in ps],
+                     "ties": []} for n, ps in keep.items()])
+    return out

@@ -22,7 +22,7 @@ from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_c
 from rmcore.config import RunConfig
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.losses import compute_loss
-from rmcore.metrics import flat_pair_indices, pair_metrics
+from rmcore.metrics import evaluate_rewards, scalar_metrics
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
 
 
@@ -70,25 +70,20 @@ def score_sequences(
 
 
 @torch.no_grad()
-def evaluate_groups(
-    model: nn.Module, groups: list[EncodedGroup], pad_id: int, device: torch.device, max_tokens: int
-) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics over all strict pairs and ties of `groups`; also returns the per-pair diffs."""
+def score_groups(model: nn.Module, groups: list[EncodedGroup], pad_id: int, device: torch.device, max_tokens: int) -> np.ndarray:
+    """One reward per completion of `groups`, in order (eval mode; training mode is restored)."""
+    was_training = model.training
     model.eval()
     rewards = []
     for start in range(0, len(groups), 64):
         seqs = [s for g in groups[start:start + 64] for s in g.seqs]
         rewards.append(score_sequences(model, seqs, pad_id, device, max_tokens).cpu().numpy())
-    model.train()
-    r = np.concatenate(rewards) if rewards else np.zeros(0)
-    chosen, rejected, tie_a, tie_b = flat_pair_indices((len(g.seqs), g.pairs, g.ties) for g in groups)
-    diffs = r[chosen] - r[rejected]
-    return pair_metrics(diffs, r[tie_a] - r[tie_b], r), diffs
+    model.train(was_training)
+    return np.concatenate(rewards) if rewards else np.zeros(0)
 
 
-def encoded_split(data_dir: Path, split: str, encoder: Encoder, smoothing: float = 0.0) -> list[EncodedGroup]:
-    ds = load_groups(data_dir)[split]
-    return encode_groups(ds.to_list(), encoder, smoothing)
+def split_rows(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    return load_groups(data_dir)[split].to_list()
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -135,13 +130,14 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     seed_everything(cfg.optim.seed)
     tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
     encoder = Encoder(tokenizer, cfg.model.max_length)
-    train_groups = encoded_split(data_dir, "train", encoder, cfg.loss.label_smoothing)
-    val_groups = encoded_split(data_dir, "validation", encoder)
+    train_groups = encode_groups(split_rows(data_dir, "train"), encoder, cfg.loss.label_smoothing)
+    val_rows = split_rows(data_dir, "validation")
+    val_groups = encode_groups(val_rows, encoder)
     if not any(g.num_pairs for g in train_groups):
         raise ValueError(f"{data_dir}: the train split holds no strict preference pairs")
     model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id).to(ctx.device)
     wrapped = ctx.prepare_model(model)
-    loop = _Loop(cfg, wrapped, model, train_groups, val_groups, tokenizer.pad_token_id, ctx)
+    loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx)
     summary = loop.run()
     summary["dataset_version"] = read_manifest(data_dir)["version"]
     if out_dir is not None and ctx.rank == 0:
@@ -151,9 +147,10 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
 
 
 class _Loop:
-    def __init__(self, cfg, wrapped, model, train_groups, val_groups, pad_id, ctx: WorkerContext) -> None:
+    def __init__(self, cfg, wrapped, model, train_groups, validation, pad_id, ctx: WorkerContext) -> None:
         self.cfg, self.wrapped, self.model, self.ctx = cfg, wrapped, model, ctx
-        self.train_groups, self.val_groups, self.pad_id = train_groups, val_groups, pad_id
+        self.train_groups, self.pad_id = train_groups, pad_id
+        self.val_rows, self.val_groups = validation
         micro_pairs = max(1, math.ceil(cfg.optim.pairs_per_step / (cfg.optim.grad_accum * ctx.world_size)))
         self.plan = ShardedPlan(train_groups, micro_pairs, cfg.optim.seed, ctx.rank, ctx.world_size)
         self.micro_per_epoch = len(self.plan.steps(0))
@@ -253,9 +250,9 @@ class _Loop:
         if self.ctx.save_checkpoint and every_ckpt and step % every_ckpt == 0 and step < self.total_steps:
             self.ctx.save_checkpoint(self.state(), metrics)
 
-    def _evaluate(self) -> dict[str, float]:
-        metrics, _ = evaluate_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward)
-        return metrics
+    def _evaluate(self) -> dict[str, Any]:
+        rewards = score_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward)
+        return scalar_metrics(evaluate_rewards(self.val_rows, rewards).metrics)
 
 
 class _progress:
@@ -264,8 +261,8 @@ class _progress:
     def __init__(self, enabled: bool, total: int, done: int) -> None:
         self.bar = None
         if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
             from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)

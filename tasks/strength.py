@@ -1,11 +1,12 @@
-"""Training the preference-strength ensemble and writing the strength-annotated dataset version.
+"""Stage 3 (optional), strength: the preference-strength ensemble ("Secrets of RLHF", Part II)
+and the strength-annotated dataset version the model then trains on.
 
-Members differ in seed and data order and train on the same train split for the run's budget
-(as in Secrets of RLHF, Part II). Every split's pairs are scored by every member: train strengths
-drive the strategy; held-out strengths (pairs no member saw) only annotate validation/test, so
-reports can break accuracy down by strength. With `strength.parallel` members are Ray tasks that
-run as many at once as the cluster's resources allow; their model folders go to a driver-side
-temporary folder, so a multi-node cluster needs it on shared storage (as `scale.storage_path`).
+Members differ in seed and data order and train on the same train split for the run's budget.
+Every split's pairs are scored by every member: train strengths drive the strategy; held-out
+strengths (pairs no member saw) only annotate validation/test, so reports can break accuracy
+down by strength. With `strength.parallel` members are Ray tasks that run as many at once as the
+cluster's resources allow; their model folders go to a driver-side temporary folder, so a
+multi-node cluster needs it on shared storage (as `scale.storage_path`).
 """
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import task
 
 from rmcore.config import RunConfig, StrengthConfig
+from rmcore.contracts import StrengthDataset
 from rmcore.dataset import SPLITS, load_groups, read_manifest, write_derived_dataset
-from rmcore.records import ReannotationRequest, content_hash
-from rmcore.report import evaluate_rows, write_strength_report
+from rmcore.evaluate import evaluate_rows
+from rmcore.records import content_hash
 from rmcore.scoring import RewardScorer
-from rmcore.strength import apply_strategy, reannotation_candidates, strategy_counts, strength_stats
-
-STRENGTH_FILE, REANNOTATION_FILE = "strength.json", "reannotation.jsonl"
+from rmcore.strength import REANNOTATION_FILE, STRENGTH_FILE, apply_strategy, final_run_config, reannotation_candidates, strength_stats
+from rmflow.infra.ray_train import fit, init_ray
 
 
 def member_config(cfg: RunConfig, member: int) -> RunConfig:
@@ -36,17 +38,12 @@ def member_config(cfg: RunConfig, member: int) -> RunConfig:
 
 def pair_diffs(model_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
     """r_chosen - r_rejected of every pair of `rows`, in the rows' pair order."""
-    if not rows:
-        return np.zeros(0)
-    ev = evaluate_rows(RewardScorer(model_dir), rows)
-    return ev.chosen_rewards - ev.rejected_rewards
+    return evaluate_rows(RewardScorer(model_dir), rows).diffs if rows else np.zeros(0)
 
 
 def train_member(cfg: RunConfig, data_dir: Path, model_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Trains one member and scores every split's pairs with it."""
-    from tasks.train import run_training
-
-    summary = run_training(cfg, data_dir, model_dir)
+    summary = fit(cfg, data_dir, model_dir)
     groups = load_groups(data_dir)
     return summary, {split: pair_diffs(model_dir, groups[split].to_list()) for split in SPLITS}
 
@@ -57,8 +54,6 @@ def train_members(cfg: RunConfig, data_dir: Path, work: Path) -> list[tuple[dict
     if not cfg.strength.parallel or cfg.scale.workers > 1:
         return [train_member(c, data_dir, d) for c, d in zip(configs, dirs)]
     import ray
-
-    from tasks.train import init_ray
 
     init_ray(cfg.scale.ray_address)
     resources = {"num_gpus": 1} if cfg.scale.use_gpu else {}
@@ -74,17 +69,18 @@ def _train_member_task(cfg: RunConfig, data_dir: str, model_dir: str) -> tuple[d
 
 
 def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False) -> dict[str, Any]:
-    """Trains the M members; returns per split the rows and each pair's strength (mean, std)."""
+    """Trains the M members; returns per split the rows and each pair's strength (mean, std).
+    With `track`, each member is an MLflow run (kind `strength-member`)."""
     data_dir = Path(data_dir)
     groups = load_groups(data_dir)
-    run_ids = []
     with tempfile.TemporaryDirectory() as tmp:
         results = train_members(cfg, data_dir, Path(tmp))
-        if track:
-            from tasks.registry import log_training_run
+    run_ids = []
+    if track:
+        from rmflow.infra.mlflow_client import log_run
 
-            run_ids = [log_training_run(member_config(cfg, m), summary, data_dir, Path(tmp) / f"member{m}")
-                       for m, (summary, _) in enumerate(results)]
+        run_ids = [log_run(member_config(cfg, m), summary, data_dir, {"rmflow.kind": "strength-member"}, f"strength-member-{m}")
+                   for m, (summary, _) in enumerate(results)]
     splits = {}
     for split in SPLITS:
         mean, std = strength_stats([diffs[split] for _, diffs in results])
@@ -104,8 +100,9 @@ def strength_rows(ensemble: dict[str, Any], cfg: StrengthConfig) -> tuple[dict[s
     return rows, counts
 
 
-def write_strength_dataset(cfg: RunConfig, data_dir: Path, ensemble: dict[str, Any], out_root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def write_strength_dataset(cfg: RunConfig, data_dir: Path, ensemble: dict[str, Any], out_root: Path | None = None) -> StrengthDataset:
     """Applies `cfg.strength.strategy` and writes the result as a new dataset version."""
+    data_dir = Path(data_dir)
     rows, counts = strength_rows(ensemble, cfg.strength)
     derivation = {"ensemble": cfg.strength.ensemble, "strength": cfg.strength.model_dump(mode="json"),
                   "members": ensemble["members"], "mlflow_runs": ensemble["mlflow_runs"]}
@@ -120,28 +117,18 @@ def write_strength_dataset(cfg: RunConfig, data_dir: Path, ensemble: dict[str, A
     with open(out / REANNOTATION_FILE, "w") as f:
         f.writelines(json.dumps(asdict(c)) + "\n" for c in candidates)
     mean = ensemble["splits"]["train"]["mean"]
-    return out, {**counts, "reannotation_candidates": len(candidates), "dataset_version": manifest["version"], "mean_strength": float(mean.mean()) if len(mean) else float("nan"),
-                 "negative_fraction": float((mean < 0).mean()) if len(mean) else float("nan"), "mlflow_runs": ensemble["mlflow_runs"]}
+    summary = {**counts, "reannotation_candidates": len(candidates), "dataset_version": manifest["version"],
+               "mean_strength": float(mean.mean()) if len(mean) else float("nan"),
+               "negative_fraction": float((mean < 0).mean()) if len(mean) else float("nan"),
+               "mlflow_runs": ensemble["mlflow_runs"], "member_val_accuracy": ensemble.get("member_val_accuracy", [])}
+    return StrengthDataset(dataset=str(out), label_dataset=str(data_dir), run=final_run_config(cfg), summary=summary)
 
 
-def build_strength_dataset(cfg: RunConfig, data_dir: Path, out_root: Path | None = None, track: bool = False) -> tuple[Path, dict[str, Any]]:
-    data_dir = Path(data_dir)
-    return write_strength_dataset(cfg, data_dir, ensemble_strengths(cfg, data_dir, track), out_root)
+def build_strength_dataset(cfg: RunConfig, data_dir: Path, out_root: Path | None = None, track: bool = False) -> StrengthDataset:
+    """The ensemble, then the strength-annotated dataset version and the config to train on it."""
+    if not cfg.strength.ensemble:
+        raise ValueError("strength.ensemble is 0: there is no ensemble to train")
+    return write_strength_dataset(cfg, Path(data_dir), ensemble_strengths(cfg, Path(data_dir), track), out_root)
 
 
-def strength_report(strength_dir: Path, model_dir: Path, out_dir: Path) -> list[Path]:
-    """The strength report of a model trained on `strength_dir`, with its held-out accuracy per
-    decile of the ensemble's strength."""
-    strengths = json.loads((Path(strength_dir) / STRENGTH_FILE).read_text())
-    cfg = StrengthConfig.model_validate(read_manifest(strength_dir)["derivation"]["strength"])
-    groups = load_groups(strength_dir)
-    heldout = groups["validation"].to_list() + groups["test"].to_list()
-    deciles = evaluate_rows(RewardScorer(model_dir), heldout).metrics.get("accuracy_by_strength_decile") if heldout else None
-    return write_strength_report(Path(out_dir), strengths, strategy_counts(np.array(strengths["train"]["mean"]), cfg), cfg.strategy, deciles)
-
-
-def read_reannotation_candidates(strength_dir: Path) -> list[ReannotationRequest]:
-    path = Path(strength_dir) / REANNOTATION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{strength_dir} has no {REANNOTATION_FILE}: train with an ensemble (strength.ensemble > 0) first")
-    return [ReannotationRequest(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+strength_task = task(build_strength_dataset, name="strength-ensemble", tags=["rmflow-training"])

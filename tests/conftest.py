@@ -25,7 +25,9 @@ def _rmflow_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer random BERT with the real MiniLM tokenizer: fast enough for training tests."""
+    """A 2-layer random BERT with the real MiniLM tokenizer: fast enough for training tests. Seeded,
+    so every session trains from the same initial weights (thresholds do not depend on the draw)."""
+    import torch
     from transformers import BertConfig, BertModel
 
     from rmcore.model import load_tokenizer, resolve_backbone
@@ -34,6 +36,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     tok = load_tokenizer(resolve_backbone("minilm"))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(0)
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -62,7 +65,7 @@ def label_studio(tmp_path_factory):
     mp.setenv("RMFLOW_LABEL_STUDIO_VENV", os.environ.get("RMFLOW_LABEL_STUDIO_VENV", str(Path.home() / ".rmflow/labelstudio/venv")))
     mp.delenv("LABEL_STUDIO_URL", raising=False)
     mp.delenv("LABEL_STUDIO_API_KEY", raising=False)
-    from infra import labelstudio
+    from rmflow.infra import labelstudio
 
     url = labelstudio.up(port=18080)["url"]
     yield url

@@ -21,7 +21,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="module")
 def params(tiny_bert, tmp_path_factory):
-    from flows.pipeline import PipelineParams
+    from rmflow.flows.pipeline import PipelineParams
 
     return PipelineParams(
         project=PROJECT, model_name="flow-test-reward", data_root=str(tmp_path_factory.mktemp("flow_data")),
@@ -33,7 +33,7 @@ def params(tiny_bert, tmp_path_factory):
 
 def label(n: int, seed: int, project: str = PROJECT) -> None:
     from rmcore.synthetic import synthetic_items
-    from tasks import labelstudio as lst
+    from rmflow.infra import labelstudio_api as lst
 
     ls = lst.connect()
     project_id = lst.ensure_project(ls, project, 4)
@@ -43,23 +43,27 @@ def label(n: int, seed: int, project: str = PROJECT) -> None:
 
 
 def versions(name: str) -> int:
-    from tasks.registry import configure_mlflow
+    from rmflow.infra.mlflow_client import configure_mlflow, model_versions
 
-    client = configure_mlflow()
-    return len(client.search_model_versions(f"name='{name}'")) if client.search_registered_models(filter_string=f"name='{name}'") else 0
+    return len(model_versions(configure_mlflow(), name))
+
+
+def watermark(params) -> str | None:
+    from rmcore.watermark import read_watermark
+    from rmflow.flows.pipeline import data_root
+
+    return read_watermark(data_root(params))
 
 
 def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(label_studio, prefect_harness, params):
-    from prefect.variables import Variable
-
-    from flows.pipeline import reward_pipeline, watermark_variable
-    from flows.sensor import label_sensor
+    from rmflow.flows.pipeline import reward_pipeline
+    from rmflow.flows.sensor import label_sensor
 
     label(40, seed=21)
     first = reward_pipeline(params)
     assert first["passed"] and first["champion_version"] == first["version"] == "1", first
     assert first["total_rankings"] == 80 and first["workers"] == 2
-    assert Variable.get(watermark_variable(PROJECT)) == first["watermark"]
+    assert watermark(params) == first["watermark"]
 
     again = reward_pipeline(params)
     assert again["skipped"] and versions(params.model_name) == 1
@@ -73,23 +77,21 @@ def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(l
     retrain = sensed["pipeline"]
     assert retrain["version"] == "2" and retrain["total_rankings"] == 120
     assert "vs_champion" in retrain["gate_checks"]  # gated against version 1
-    assert Variable.get(watermark_variable(PROJECT)) == retrain["watermark"] > first["watermark"]
+    assert watermark(params) == retrain["watermark"] > first["watermark"]
 
 
 def test_label_studio_down_fails_the_flow_and_keeps_the_watermark(prefect_harness, params, monkeypatch):
-    from prefect.variables import Variable
+    from rmflow.flows.pipeline import reward_pipeline
+    from rmflow.infra.process import free_port
 
-    from flows.pipeline import reward_pipeline, watermark_variable
-    from infra.process import free_port
-
-    before = Variable.get(watermark_variable(PROJECT), default=None)
+    before = watermark(params)
     monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{free_port(1)}")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "x" * 40)
     state = reward_pipeline(params, return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="unreachable"):
         state.result()
-    assert Variable.get(watermark_variable(PROJECT), default=None) == before
+    assert watermark(params) == before
 
 
 def test_active_labelling_round_trips_through_label_studio(label_studio, prefect_harness, tmp_path):
@@ -97,23 +99,27 @@ def test_active_labelling_round_trips_through_label_studio(label_studio, prefect
     parameter, never sent twice); a person's new labels replace the old judgements of those pairs."""
     import numpy as np
 
-    from flows.pipeline import request_reannotation
-    from infra import labelstudio as local
     from rmcore.config import RunConfig
-    from rmcore.dataset import SPLITS, load_groups, load_pairs
-    from tasks import labelstudio as lst
-    from tasks.strength import write_strength_dataset
+    from rmcore.dataset import SPLITS, load_groups, load_pairs, split_of
+    from rmflow.flows.pipeline import request_reannotation
+    from rmflow.infra import labelstudio as local
+    from rmflow.infra import labelstudio_api as lst
+    from rmflow.tasks.collect import pull_snapshot
+    from rmflow.tasks.dataset import build_dataset
+    from rmflow.tasks.strength import write_strength_dataset
 
     project = "reannotation-test"
     ls = lst.connect()
     project_id = lst.ensure_project(ls, project, 3)
-    items = [{"prompt": f"Question {i}: how?", "responses": [f"best {i}", f"middle {i}", f"worst {i}"], "order": [0, 1, 2]}
-             for i in range(6)]
+    # training prompts: only train pairs are ever sent back to annotators
+    questions = [q for q in (f"Question {i}: how?" for i in range(100)) if split_of(q, (0.8, 0.1, 0.1)) == "train"][:6]
+    items = [{"prompt": q, "responses": [f"best {i}", f"middle {i}", f"worst {i}"], "order": [0, 1, 2]}
+             for i, q in enumerate(questions)]
     lst.import_tasks(ls, project_id, items)
     lst.simulate_annotators(project_id, annotators=1)
     root = tmp_path / "labels"
-    labels = lst.dataset_from_snapshot(Path(lst.pull_snapshot(project, root)["snapshot"]), root, None)
-    data = Path(labels["dataset"])
+    labels = build_dataset(pull_snapshot(project, root), root, None)
+    data = Path(labels.dataset)
 
     # an ensemble that doubts exactly the (best, worst) pair of every prompt
     groups = load_groups(data)
@@ -124,7 +130,8 @@ def test_active_labelling_round_trips_through_label_studio(label_studio, prefect
                             for r in rows for w, l in r["pairs"]], dtype=bool)
         splits[split] = {"rows": rows, "mean": np.where(doubted, -1.0, 2.0), "std": np.where(doubted, 0.5, 0.1)}
     cfg = RunConfig.model_validate({"strength": {"ensemble": 3, "strategy": "flip"}})
-    strength_dir, counts = write_strength_dataset(cfg, data, {"splits": splits, "members": [], "mlflow_runs": []}, tmp_path)
+    strength = write_strength_dataset(cfg, data, {"splits": splits, "members": [], "mlflow_runs": []}, tmp_path)
+    strength_dir, counts = Path(strength.dataset), strength.summary
     assert counts["reannotation_candidates"] == 6
 
     assert request_reannotation(project, str(strength_dir), max_tasks=4)["sent"] == 4
@@ -139,11 +146,10 @@ def test_active_labelling_round_trips_through_label_studio(label_studio, prefect
         ids = {item["body"].split()[0]: item["id"] for item in task.data["items"]}
         person.annotations.create(id=task.id, result=lst.ranker_result([ids["worst"], ids["best"]]))
         relabelled.append(task.data["prompt"])
-    after = lst.dataset_from_snapshot(Path(lst.pull_snapshot(project, root)["snapshot"]), root, labels["watermark"])
-    assert after["new_rankings"] == 5 and after["relabelled"] == 5 and after["version"] != labels["version"]
-    pairs = [p for split in load_pairs(Path(after["dataset"])).values() for p in split.to_list()]
-    for i in range(6):
-        prompt = f"Question {i}: how?"
+    after = build_dataset(pull_snapshot(project, root), root, labels.watermark)
+    assert after.new_rankings == 5 and after.relabelled == 5 and after.version != labels.version
+    pairs = [p for split in load_pairs(Path(after.dataset)).values() for p in split.to_list()]
+    for prompt in questions:
         extremes = [(p["chosen"].split()[0], p["rejected"].split()[0]) for p in pairs
                     if p["prompt"] == prompt and {p["chosen"].split()[0], p["rejected"].split()[0]} == {"best", "worst"}]
         assert extremes == ([("worst", "best")] if prompt in relabelled else [("best", "worst")]), prompt
@@ -151,9 +157,9 @@ def test_active_labelling_round_trips_through_label_studio(label_studio, prefect
 
 
 def test_pipeline_with_an_ensemble_trains_on_strengths_and_sends_doubtful_pairs(label_studio, prefect_harness, params):
-    from flows.pipeline import reward_pipeline
-    from tasks import labelstudio as lst
-    from tasks.registry import configure_mlflow
+    from rmflow.flows.pipeline import reward_pipeline
+    from rmflow.infra import labelstudio_api as lst
+    from rmflow.infra.mlflow_client import configure_mlflow
 
     project = "ensemble-flow-test"
     label(30, seed=31, project=project)

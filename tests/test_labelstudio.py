@@ -7,16 +7,24 @@ import sys
 
 import pytest
 
-from infra.process import free_port
-from tasks import labelstudio as lst
+from rmcore.watermark import advance_watermark, read_watermark
+from rmflow.infra import labelstudio_api as lst
+from rmflow.infra.process import free_port
+from rmflow.tasks.collect import pull_snapshot
+from rmflow.tasks.dataset import build_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 PROJECT = "test-rankings"
 
 
+def collect_rankings(project: str, out) -> dict:
+    """What `rmflow collect` does before it advances the watermark."""
+    return build_dataset(pull_snapshot(project, out), out, read_watermark(out)).model_dump()
+
+
 def test_collect_counts_updates_cancels_and_quarantines(label_studio, tmp_path):
-    from infra import labelstudio as local
     from rmcore.synthetic import synthetic_items
+    from rmflow.infra import labelstudio as local
 
     ls = lst.connect()
     project_id = lst.ensure_project(ls, PROJECT, 4)
@@ -27,19 +35,19 @@ def test_collect_counts_updates_cancels_and_quarantines(label_studio, tmp_path):
     assert lst.simulate_annotators(project_id, annotators=2, noise=0.5)["submitted"] == 40
 
     out = tmp_path / "labels"
-    first = lst.collect_rankings(PROJECT, out)
+    first = collect_rankings(PROJECT, out)
     assert (first["new_rankings"], first["total_rankings"], first["quarantined"]) == (40, 40, 0)
     assert first["multi_annotated_tasks"] == 20 and -1 <= first["kendall_tau"] <= 1
-    lst.commit_watermark(out, first["watermark"])
-    second = lst.collect_rankings(PROJECT, out)
+    advance_watermark(out, first["watermark"])
+    second = collect_rankings(PROJECT, out)
     assert second["new_rankings"] == 0 and second["version"] == first["version"]
-    lst.commit_watermark(out, second["watermark"])
+    advance_watermark(out, second["watermark"])
 
     # an annotator changes its mind: the update replaces its ranking
     annotator = lst.connect(token=local.create_user("sim-0@rmflow.local"))
     me = annotator.users.whoami().id
     task = next(t for t in ls.tasks.list(project=project_id, fields="all"))
-    mine = next(a for a in task.annotations if lst._annotation_user(a) == me)
+    mine = next(a for a in task.annotations if lst.annotation_user(a) == me)
     old = mine["result"][0]["value"]["ranker"]["rank"]
     annotator.annotations.update(id=mine["id"], result=lst.ranker_result(list(reversed(old))))
     # a third person skips one task and submits a broken ranking on another
@@ -48,7 +56,7 @@ def test_collect_counts_updates_cancels_and_quarantines(label_studio, tmp_path):
     third.annotations.create(id=tasks[1], result=[], was_cancelled=True)
     third.annotations.create(id=tasks[2], result=lst.ranker_result(["r0", "r1", "zz", "r3"]))
 
-    third_collect = lst.collect_rankings(PROJECT, out)
+    third_collect = collect_rankings(PROJECT, out)
     assert third_collect["new_rankings"] == 1 and third_collect["total_rankings"] == 40
     assert third_collect["cancelled"] == 1 and third_collect["quarantined"] == 1
     assert "unknown completion ids ['zz']" in third_collect["quarantine_reasons"][0]
@@ -89,7 +97,7 @@ def test_simulated_annotators_replay_real_human_orders(label_studio, shared_data
     project_id = lst.ensure_project(ls, "replay-test", 4)
     lst.import_tasks(ls, project_id, items)
     lst.simulate_annotators(project_id, annotators=1)
-    collected = lst.collect_rankings("replay-test", tmp_path / "labels")
+    collected = collect_rankings("replay-test", tmp_path / "labels")
     assert collected["total_rankings"] == 5
     replayed = [json.loads(line) for line in (tmp_path / "labels" / collected["version"] / "rankings.jsonl").read_text().splitlines()]
     human = {r.prompt: [r.text_of(i) for block in r.order for i in block] for r in result.rankings}

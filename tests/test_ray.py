@@ -15,7 +15,7 @@ from rmcore.config import RunConfig
 from rmcore.converters.common import ConversionResult
 from rmcore.dataset import write_preference_dataset
 from rmcore.synthetic import synthetic_items, synthetic_rankings
-from tasks.train import run_ray_training, run_training
+from rmflow.infra.ray_train import fit, run_ray_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 def ray_runtime():
     import ray
 
-    from tasks.train import init_ray
+    from rmflow.infra.ray_train import init_ray
 
     init_ray(None)
     yield
@@ -40,8 +40,8 @@ def cfg_for(backbone: Path, workers: int, epochs: float = 1, **scale) -> RunConf
 
 
 def test_two_workers_match_one_worker_accuracy(ray_runtime, tiny_bert, synthetic_dataset, tmp_path):
-    one = run_training(cfg_for(tiny_bert, 1, epochs=2), synthetic_dataset, tmp_path / "one")
-    two = run_training(cfg_for(tiny_bert, 2, epochs=2, storage_path=str(tmp_path / "ray")), synthetic_dataset, tmp_path / "two")
+    one = fit(cfg_for(tiny_bert, 1, epochs=2), synthetic_dataset, tmp_path / "one")
+    two = fit(cfg_for(tiny_bert, 2, epochs=2, storage_path=str(tmp_path / "ray")), synthetic_dataset, tmp_path / "two")
     assert two["workers"] == 2 and two["restarts"] == 0
     assert two["pairs_trained"] == one["pairs_trained"]
     assert all(c == 2 for c in two["group_train_counts"])
@@ -67,19 +67,32 @@ def slower_backbone(tmp_path_factory, tiny_bert) -> Path:
 
 
 def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], deadline_s: float = 400) -> None:
-    """SIGKILLs one Ray Train worker process (titled `ray::RayTrainWorker...`) once the controller
-    has registered a checkpoint: it then lists it in the run's checkpoint-manager snapshot (a folder
-    on disk alone may not be registered yet when the machine is busy)."""
-    import psutil
-
+    """SIGKILLs one Ray Train worker of this run once the controller has registered a checkpoint:
+    it then lists it in the run's checkpoint-manager snapshot (a folder on disk alone may not be
+    registered yet when the machine is busy). Only workers of the Ray runtime this test process
+    started (its descendants) are candidates: other people's Ray processes are never touched."""
     end = time.time() + deadline_s
     while time.time() < end and not registered_checkpoints(run_dir):
         time.sleep(0.1)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            killed.append(proc.info["pid"])
-            return
+    for proc in ray_train_workers():
+        os.kill(proc.pid, signal.SIGKILL)
+        killed.append(proc.pid)
+        return
+
+
+def ray_train_workers() -> list:
+    """Ray Train worker processes (titled `ray::RayTrainWorker...`) of the local Ray runtime this
+    process started: raylet is our child, the workers its children."""
+    import psutil
+
+    ours = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                ours.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return ours
 
 
 def registered_checkpoints(run_dir: Path) -> int:
@@ -104,3 +117,36 @@ def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_run
     assert summary["restarts"] >= 1
     assert summary["resumed_from_step"] >= 4
     assert all(c == 1 for c in summary["group_train_counts"]), "a prompt group was trained twice or never"
+
+
+def test_a_corrupted_checkpoint_fails_naming_it_and_a_fresh_run_finishes(ray_runtime, slower_backbone, tmp_path):
+    """A checkpoint damaged on storage (truncated state) is never half-loaded: the restart that
+    would resume from it fails naming the checkpoint, nothing is written to the model folder, and
+    a fresh run trains every prompt group once."""
+    data = tmp_path / "ds"
+    rankings = synthetic_rankings(synthetic_items(300, k=4, seed=9), annotators=1, seed=10)
+    write_preference_dataset(ConversionResult(rankings=rankings), data, {"kind": "synthetic"})
+    storage = tmp_path / "ray"
+    cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=2, max_failures=1)
+    damaged: list[str] = []
+
+    def corrupt_then_kill() -> None:
+        run_dir = storage / "corrupt"
+        end = time.time() + 400
+        while time.time() < end and not registered_checkpoints(run_dir):
+            time.sleep(0.1)
+        for state in run_dir.rglob("state.pt"):
+            state.write_bytes(state.read_bytes()[:64])
+            damaged.append(str(state))
+        for proc in ray_train_workers():
+            os.kill(proc.pid, signal.SIGKILL)
+            return
+
+    watcher = threading.Thread(target=corrupt_then_kill, daemon=True)
+    watcher.start()
+    with pytest.raises(Exception, match="checkpoint .* is unreadable"):
+        run_ray_training(cfg, data, tmp_path / "model", run_name="corrupt")
+    watcher.join(timeout=5)
+    assert damaged and not (tmp_path / "model").exists()
+    fresh = run_ray_training(cfg, data, tmp_path / "model", run_name="fresh")
+    assert fresh["restarts"] == 0 and all(c == 1 for c in fresh["group_train_counts"])

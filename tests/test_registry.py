@@ -51,8 +51,18 @@ def models(tiny_bert, synthetic_dataset, tmp_path_factory):
     return out
 
 
+def promote(model_dir: Path, name: str, eval_data: Path, gate: GateConfig) -> dict:
+    """The three stages `rmflow promote` and the pipeline run: register → evaluate → gate."""
+    from rmflow.tasks.evaluate import evaluate_version
+    from rmflow.tasks.promote import gate_and_promote
+    from rmflow.tasks.register import register_model
+
+    registered = register_model(name, model_dir)
+    return {**gate_and_promote(evaluate_version(registered, eval_data), gate).model_dump(), "created": registered.created}
+
+
 def test_promote_refuse_rollback_and_no_duplicate_versions(mlflow_home, models, synthetic_dataset):
-    from tasks.registry import promote, rollback
+    from rmflow.tasks.promote import rollback
 
     gate = GateConfig(min_accuracy=0.6, max_ece=0.5, max_length_bias=0.95, delta=0.1, bootstrap=300)
     first = promote(models["good"], NAME, synthetic_dataset, gate)

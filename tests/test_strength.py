@@ -44,9 +44,12 @@ def test_reannotation_candidates_most_doubtful_first_one_per_pair():
             "test": (np.array([-0.2]), np.array([0.1]))}
     test_row = {"prompt_id": "p2", "prompt": "q", "completions": ["x", "y"], "pairs": [[0, 1]]}
     found = reannotation_candidates({"train": [row, twin], "test": [test_row]}, mean, std_quantile=0.9)
-    # (a,c): -3/1 beats -1/1 for the same pair; (x,y): -0.2/0.1; (b,c): std 3.0 ≥ the 90% quantile
+    # (a,c): -3/1 beats -1/1 for the same pair; (b,c): std 3.0 ≥ the 90% quantile; the doubtful
+    # test pair (x,y) is never sent back: its label is what registered versions were gated on
     assert [(c.chosen, c.rejected, c.mean_strength, c.split) for c in found] == [
-        ("a", "c", -3.0, "train"), ("x", "y", -0.2, "test"), ("b", "c", 0.4, "train")]
+        ("a", "c", -3.0, "train"), ("b", "c", 0.4, "train")]
+    everywhere = reannotation_candidates({"train": [row, twin], "test": [test_row]}, mean, 0.9, splits=("train", "test"))
+    assert ("x", "y", "test") in [(c.chosen, c.rejected, c.split) for c in everywhere]
     counts = strategy_counts(np.array([1.5, -2.0, 0.4, -0.1]), StrengthConfig())
     assert counts == {"flip": 2, "soft": 2, "margin": 2, "flip+margin": 4, "soft+margin": 4}
 
@@ -60,9 +63,11 @@ def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
     from scipy.stats import mannwhitneyu
 
     from rmcore.dataset import read_manifest
-    from tasks.registry import configure_mlflow, log_training_run
-    from tasks.strength import read_reannotation_candidates
-    from tasks.train import run_training
+    from rmcore.strength import read_reannotation_candidates
+    from rmflow.infra.mlflow_client import configure_mlflow
+    from rmflow.tasks.register import register_model
+    from rmflow.tasks.strength import build_strength_dataset
+    from rmflow.tasks.train import train_model
 
     rankings = synthetic_rankings(synthetic_items(300, k=4, seed=4), annotators=1, noise=0.0, seed=5)
     planted = set(range(0, len(rankings), 7))  # ~14% of rankings reversed on purpose
@@ -75,8 +80,9 @@ def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
     cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 96},
                                     "optim": {"lr": 3e-3, "epochs": 1},
                                     "strength": {"ensemble": 3, "strategy": "flip", "flip_fraction": 0.14}})
-    summary = run_training(cfg, data, tmp_path / "model", track_members=True)
-    out, counts = Path(summary["data_dir"]), summary["strength"]
+    strength = build_strength_dataset(cfg, data, track=True)
+    trained = train_model(strength.run, strength.dataset, tmp_path / "model")
+    out, counts = Path(strength.dataset), strength.summary
     before = load_groups(data)["train"].to_list()
     after = load_groups(out)["train"].to_list()
     is_planted = np.array([r["prompt"] in planted_prompts for r in before for _ in r["pairs"]])
@@ -94,11 +100,51 @@ def test_ensemble_ranks_planted_flipped_pairs_lowest(tiny_bert, tmp_path):
     assert len(candidates) == counts["reannotation_candidates"] > 20
     assert np.mean([c.prompt in planted_prompts for c in top]) > 2.5 * is_planted.mean()
 
-    report = Path(counts["report_dir"]) / "strength_report.md"
+    report = Path(trained.strength_report) / "strength_report.md"
     assert "flip (this run) | " + str(counts["flipped"]) in report.read_text() and "d10" in report.read_text()
-    run_id = log_training_run(final_run_config(cfg), summary, out, tmp_path / "model")
+    assert trained.run == final_run_config(cfg) and trained.dataset == strength.dataset  # logged = trained
+    run_id = register_model("strength-test", trained.model_dir, trained.model_copy(update={"summary": {**trained.summary, "strength": counts}})).run_id
     configure_mlflow()
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "strength_report")}
     assert {"strength_report/strength_report.md", "strength_report/strength_histogram.png",
             "strength_report/accuracy_by_strength_decile.png"} <= logged
     assert mlflow.get_run(run_id).data.metrics["strength.flipped"] == counts["flipped"]
+
+
+def test_slice_by_strength_cuts_equal_parts_lowest_first():
+    from rmcore.strength import slice_by_strength
+
+    rows = [{**ROWS[0], "prompt_id": "p1", "ties": [[0, 1]]}, {**ROWS[0], "prompt_id": "p2"}]
+    mean = np.array([0.5, -2.0, 3.0, 1.0, -1.0, 2.0])  # per pair, rows in order
+    low, high = slice_by_strength(rows, mean, 2)
+    assert [(r["prompt_id"], r["pairs"]) for r in low] == [("p1", [[0, 1], [0, 2]]), ("p2", [[0, 2]])]
+    assert [(r["prompt_id"], r["pairs"], r["margins"]) for r in high] == [("p1", [[1, 2]], [1.0]), ("p2", [[0, 1], [1, 2]], [1.0, 1.0])]
+    assert all(r["ties"] == [] for r in low + high)
+    with pytest.raises(ValueError, match="7 slices"):
+        slice_by_strength(rows, mean, 7)
+
+
+@pytest.mark.slow
+def test_strength_slices_planted_reversed_pairs_score_below_chance(tiny_bert, tmp_path):
+    """Planted reversed rankings in the train split only: the model trained on the lowest strength
+    slice alone learns them and scores below 0.5 on the clean validation split; the clean slices'
+    models score above it. Members and slice models run as parallel Ray tasks."""
+    from rmcore.dataset import split_of
+    from rmflow.bench.slices import slice_experiment
+
+    rankings = synthetic_rankings(synthetic_items(400, k=4, seed=14), annotators=1, noise=0.0, seed=15)
+    train = [i for i, r in enumerate(rankings) if split_of(r.prompt, (0.8, 0.1, 0.1)) == "train"]
+    planted = set(train[::6])  # ~17% of train rankings reversed; validation and test stay clean
+    noisy = [Ranking(r.prompt_id, r.prompt, r.completions, list(reversed(r.order)), r.annotator, r.source)
+             if i in planted else r for i, r in enumerate(rankings)]
+    data = tmp_path / "ds"
+    write_preference_dataset(ConversionResult(rankings=noisy), data, {"kind": "planted"})
+    cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 96},
+                                    "optim": {"lr": 3e-3, "epochs": 1, "pairs_per_step": 8},
+                                    "strength": {"ensemble": 3}})
+    result = slice_experiment(cfg, data, 5, tmp_path, "planted")
+    accuracy = [s["validation"]["accuracy"] for s in result["slices"]]
+    assert len(accuracy) == 5 and len({s["train_pairs"] for s in result["slices"]}) <= 2  # equal budgets (±1 pair)
+    assert accuracy[0] < 0.5, accuracy
+    assert all(a > 0.5 for a in accuracy[2:]), accuracy
+    assert result["slices"][0]["strength_max"] <= result["slices"][-1]["strength_min"]

@@ -30,4 +30,21 @@ def convert_file(kind: str, path: Path, strict: bool = False, **label_studio_opt
     return rankings_from_records(path, RECORD_PARSERS[kind], strict)
 
 
-__all__ = ["KINDS", "ConversionResult", "InvalidRecord", "StrictModeError", "convert_file"]
+def convert_to_dataset(kind: str, path: Path, out: Path, strict: bool = False, split: str = "0.8,0.1,0.1",
+                       prompt_field: str | None = None, items_field: str | None = None,
+                       label_config: Path | None = None) -> dict[str, Any]:
+    """Converts one file into a versioned dataset folder; returns its manifest. The options that
+    change the result (Label Studio fields, the split) are part of the version hash."""
+    from rmcore.dataset import parse_fractions, write_preference_dataset
+
+    fractions = parse_fractions(split)
+    ls_options: dict[str, Any] = {}
+    if kind == "label-studio":
+        ls_options = {"prompt_field": prompt_field, "items_field": items_field,
+                      "label_config": Path(label_config).read_text() if label_config else None}
+    result = convert_file(kind, path, strict=strict, **ls_options)
+    options = {"kind": kind, **{k: v for k, v in ls_options.items() if v}}
+    return write_preference_dataset(result, Path(out), options, fractions)
+
+
+__all__ = ["KINDS", "ConversionResult", "InvalidRecord", "StrictModeError", "convert_file", "convert_to_dataset"]

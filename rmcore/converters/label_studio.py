@@ -29,7 +29,9 @@ from rmcore.converters.common import (
     supersede_relabelled_pairs,
     validate_ranking,
 )
+from rmcore.names import REANNOTATE_FIELD
 from rmcore.records import Completion, Ranking, text_id
+from rmcore.watermark import parse_time
 
 PROMPT_FIELDS = ("prompt", "question", "instruction", "query", "input", "text", "context")
 PAIR_FIELDS = (
@@ -54,6 +56,7 @@ class LabelConfig:
     items_field: str | None = None
     pair_fields: tuple[str, str] | None = None
     bucket_order: list[str] = field(default_factory=list)
+    controls: set[str] = field(default_factory=set)  # names of the Ranker/Pairwise/Choices tags, when known
 
     @classmethod
     def from_xml(cls, xml: str) -> LabelConfig:
@@ -69,6 +72,8 @@ class LabelConfig:
                     cfg.pair_fields = (values[names[0]], values[names[1]])
             elif el.tag == "Bucket" and el.get("name"):
                 cfg.bucket_order.append(el.get("name"))
+            if el.tag in ("Ranker", "Pairwise", "Choices") and el.get("name"):
+                cfg.controls.add(el.get("name"))
         used = {cfg.items_field, *(cfg.pair_fields or ())}
         for el in root.iter("Text"):
             field_name = values.get(el.get("name"))
@@ -165,6 +170,10 @@ def ranking_from_annotation(task: dict, annotation: dict, cfg: LabelConfig, sour
         raise InvalidRecord("task has no data")
     prompt = _prompt_of(data, cfg)
     item = _ranking_result(annotation.get("result"))
+    if cfg.controls and item.get("from_name") not in cfg.controls:
+        # a result for another control (or a renamed one) must not be read as this ranking
+        raise InvalidRecord(f"result from_name {item.get('from_name')!r} is not a control of the label config "
+                            f"({', '.join(sorted(cfg.controls))})")
     presented = None
     if item["type"] == "ranker":
         _, completions = _items_of(data, cfg)
@@ -194,7 +203,7 @@ def ranking_from_annotation(task: dict, annotation: dict, cfg: LabelConfig, sour
         timestamp=annotation.get("updated_at") or annotation.get("created_at"),
         presented_order=presented,
         meta={"task_id": task.get("id"), "annotation_id": annotation.get("id"),
-              **({"reannotation": True} if data.get("rmflow_reannotate") else {})},
+              **({"reannotation": True} if data.get(REANNOTATE_FIELD) else {})},
     )
     return validate_ranking(ranking)
 
@@ -206,12 +215,8 @@ def annotator_id(completed_by: Any) -> str:
 
 
 def _when(annotation: dict) -> datetime:
-    stamp = annotation.get("updated_at") or annotation.get("created_at") or ""
-    try:
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    when = parse_time(annotation.get("updated_at") or annotation.get("created_at"))
+    return when or datetime.min.replace(tzinfo=timezone.utc)
 
 
 def latest_per_annotator(annotations: list[dict]) -> tuple[list[dict], int]:

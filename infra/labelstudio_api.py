@@ -1,0 +1,206 @@
+"""Talking to a Label Studio server (the local one `rmflow labelstudio up` runs, or LABEL_STUDIO_URL
+with LABEL_STUDIO_API_KEY): a checked client, projects, task import, simulated annotators.
+
+Tokens are never logged; every error names the URL, the status and the server's message, never
+request headers (they carry session cookies and the token).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+from rmcore.names import DEFAULT_RESPONSES, REANNOTATE_FIELD
+from rmcore.synthetic import annotator_order
+
+RANKER_NAME, LIST_NAME = "rank", "items"
+
+
+class LabelStudioError(RuntimeError):
+    pass
+
+
+def ranking_config(k: int) -> str:
+    return (f'<View><Header value="Rank the {k} responses, best first"/><Text name="prompt" value="$prompt"/>'
+            f'<List name="{LIST_NAME}" value="$items" title="Responses"/><Ranker name="{RANKER_NAME}" toName="{LIST_NAME}"/></View>')
+
+
+def describe_api_error(e: ApiError) -> str:
+    """Status and the server's validation message, without headers (they carry session cookies)."""
+    body = e.body if isinstance(e.body, dict) else {}
+    return f"Label Studio answered HTTP {e.status_code}: {body.get('validation_errors') or body.get('detail') or 'error'}"
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Turns the SDK's errors (whose text includes request headers) into a LabelStudioError that
+    names only the status and the server's message; used around every call a task makes."""
+    try:
+        yield
+    except ApiError as e:
+        raise LabelStudioError(describe_api_error(e)) from None
+    except (httpx.HTTPError, OSError) as e:
+        raise LabelStudioError(f"Label Studio request failed ({type(e).__name__})") from None
+
+
+def endpoint(url: str | None = None) -> str:
+    """LABEL_STUDIO_URL, else the local server `rmflow labelstudio up` started."""
+    if url or os.environ.get("LABEL_STUDIO_URL"):
+        return url or os.environ["LABEL_STUDIO_URL"]
+    from rmflow.infra import labelstudio as local
+
+    return local.status()["url"] or ""
+
+
+def connect(url: str | None = None, token: str | None = None, attempts: int = 4) -> LabelStudio:
+    """A checked client: bounded retries with backoff while the server is unreachable, and a clear
+    error for a rejected token."""
+    url = endpoint(url)
+    if token is None:
+        from rmflow.infra import labelstudio as local
+
+        token = os.environ.get("LABEL_STUDIO_API_KEY") or local.credentials()["token"]
+    if not url:
+        raise LabelStudioError("no Label Studio to talk to: start one with `rmflow labelstudio up` or set LABEL_STUDIO_URL")
+    client = LabelStudio(base_url=url, api_key=token, timeout=30)
+    for attempt in range(attempts):
+        try:
+            client.users.whoami()
+            return client
+        except ApiError as e:
+            if e.status_code in (401, 403):
+                raise LabelStudioError(f"Label Studio at {url} rejected the API token (HTTP {e.status_code}); "
+                                       "check LABEL_STUDIO_API_KEY") from None
+            last = f"HTTP {e.status_code}"
+        except (httpx.HTTPError, OSError) as e:
+            last = type(e).__name__
+        if attempt < attempts - 1:
+            time.sleep(min(2 ** attempt, 8))
+    raise LabelStudioError(f"Label Studio at {url} is unreachable after {attempts} attempts ({last})")
+
+
+def ensure_project(ls: LabelStudio, title: str, k: int = DEFAULT_RESPONSES) -> int:
+    """The project with this title; created with a K-response ranking config if missing (`k` only
+    matters then)."""
+    with api_errors():
+        for p in ls.projects.list():
+            if p.title == title:
+                return p.id
+        return ls.projects.create(title=title, label_config=ranking_config(k)).id
+
+
+def task_hash(prompt: str, responses: list[str]) -> str:
+    return hashlib.sha256(json.dumps([prompt, sorted(responses)]).encode()).hexdigest()[:20]
+
+
+def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], seed: int = 0,
+                 limit: int | None = None) -> dict[str, int]:
+    """Imports `{prompt, responses[], gold?[], order?[], reannotate?{}}` items, at most `limit` new
+    ones. Responses are shuffled per task so the presented order carries no signal; re-importing the
+    same content adds nothing."""
+    with api_errors():
+        existing = {t.data.get("rmflow_hash") for t in ls.tasks.list(project=project_id, fields="all")}
+    rng = random.Random(seed)
+    new = []
+    for item in items:
+        h = task_hash(item["prompt"], item["responses"])
+        if h in existing or (limit is not None and len(new) >= limit):
+            continue
+        existing.add(h)
+        order = list(range(len(item["responses"])))
+        rng.shuffle(order)
+        data = {"prompt": item["prompt"], "rmflow_hash": h,
+                "items": [{"id": f"r{i}", "title": f"Response {n + 1}", "body": item["responses"][i]} for n, i in enumerate(order)]}
+        # hidden from the labelling view: what simulated annotators rank by
+        if "gold" in item:
+            data["rmflow_gold"] = {f"r{i}": item["gold"][i] for i in order}
+        if "order" in item:
+            data["rmflow_order"] = [f"r{i}" for i in item["order"]]
+        if "reannotate" in item:  # a Data Manager column to filter by; collection lets these labels win
+            data[REANNOTATE_FIELD] = item["reannotate"]
+        new.append({"data": data})
+    with api_errors():
+        for start in range(0, len(new), 200):
+            ls.projects.import_tasks(id=project_id, request=new[start:start + 200])
+    return {"imported": len(new), "skipped": len(items) - len(new)}
+
+
+def pull_tasks(ls: LabelStudio, project_id: int) -> list[dict[str, Any]]:
+    """Every task with its annotations (plain iteration: the pager follows the pages)."""
+    with api_errors():
+        return [t.model_dump(mode="json") for t in ls.tasks.list(project=project_id, fields="all")]
+
+
+def label_config(ls: LabelStudio, project_id: int) -> str:
+    with api_errors():
+        return ls.projects.get(id=project_id).label_config
+
+
+def items_from_file(path: Path) -> list[dict[str, Any]]:
+    """Tasks to import from JSONL: `{prompt, responses[], gold?[], order?[]}` lines, or the
+    `rankings.jsonl` of a converted dataset, whose human orders simulated annotators then replay
+    (ties are replayed in their listed order)."""
+    items = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "completions" in rec and "order" in rec:
+            ids = [c["id"] for c in rec["completions"]]
+            rec = {"prompt": rec["prompt"], "responses": [c["text"] for c in rec["completions"]],
+                   "order": [ids.index(i) for block in rec["order"] for i in block]}
+        items.append(rec)
+    return items
+
+
+def ranker_result(order: list[str]) -> list[dict[str, Any]]:
+    return [{"from_name": RANKER_NAME, "to_name": LIST_NAME, "type": "ranker", "value": {"ranker": {RANKER_NAME: order}}}]
+
+
+def simulate_annotators(project_id: int, annotators: int, noise: float = 0.5, seed: int = 0,
+                        url: str | None = None, task_ids: list[int] | None = None) -> dict[str, int]:
+    """Real Label Studio users who rank each task they have not yet annotated, through the API as a
+    person would: by the hidden gold reward plus Gumbel noise, or replaying a recorded human order."""
+    from rmflow.infra import labelstudio as local
+
+    url = endpoint(url)
+    admin = connect(url)
+    submitted = 0
+    with api_errors():
+        for a in range(annotators):
+            email = f"sim-{a}@rmflow.local"
+            me = connect(url, local.create_user(email))
+            my_id = me.users.whoami().id
+            rng = random.Random(f"{seed}:{a}")
+            for task in admin.tasks.list(project=project_id, fields="all"):
+                if task_ids is not None and task.id not in task_ids:
+                    continue
+                if any(annotation_user(an) == my_id for an in task.annotations or []):
+                    continue
+                me.annotations.create(id=task.id, result=ranker_result(simulated_order(task.data, noise, rng)),
+                                      lead_time=round(rng.uniform(5, 60), 1))
+                submitted += 1
+    return {"annotators": annotators, "submitted": submitted}
+
+
+def simulated_order(data: dict[str, Any], noise: float, rng: random.Random) -> list[str]:
+    if data.get("rmflow_order"):
+        return list(data["rmflow_order"])
+    ids = [item["id"] for item in data["items"]]
+    gold = data.get("rmflow_gold") or {}
+    return [ids[i] for i in annotator_order([gold.get(i, 0.0) for i in ids], noise, rng)]
+
+
+def annotation_user(annotation: Any) -> Any:
+    by = annotation.get("completed_by") if isinstance(annotation, dict) else getattr(annotation, "completed_by", None)
+    return by.get("id") if isinstance(by, dict) else by

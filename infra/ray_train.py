@@ -1,0 +1,208 @@
+"""Training one reward model: in-process for 0/1 workers, else Ray Train's TorchTrainer over the
+same rmcore loop. The train and strength stages both train through `fit`.
+
+Ray notes that shaped this file:
+- Train V2 (default in Ray ≥ 2.50) rejects Tune callbacks; MLflow logging happens on the driver from
+  the reported metrics.
+- `ray.train.report` is a barrier: every worker reports the same number of times. Checkpoints from
+  all workers merge into one directory: rank 0 writes model/optimizer/scheduler state, every rank
+  writes its own sampler accounting (which prompt groups it trained).
+- Data and `storage_path` are read by every worker: on a multi-node cluster both must be shared
+  storage (NFS, S3); on one machine a local folder is fine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rmcore.config import RunConfig
+from rmcore.model import META_FILE
+from rmcore.paths import rmflow_home
+from rmcore.train import WorkerContext, resolve_device, train_reward_model
+
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from."""
+FINAL_METRICS = "final_metrics.json"
+
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Refuses a non-empty folder that is not an rmflow model folder: rmflow never deletes what it
+    did not create. An earlier rmflow model there is replaced when the new one is written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
+        raise FileExistsError(f"{out_dir} exists and is not an rmflow model folder: choose an empty or new --out "
+                              "(rmflow never deletes files it did not write)")
+
+
+def fit(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
+    prepare_out_dir(out_dir)
+    if cfg.scale.workers <= 1:
+        ctx = WorkerContext(device=resolve_device(cfg.device))
+        return train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
+    return run_ray_training(cfg, data_dir, out_dir)
+
+
+def init_ray(address: str | None) -> dict[str, Any]:
+    """Connects to `address` / RAY_ADDRESS when one is given, else starts a runtime of our own sized
+    to this machine (`address="local"`: a cluster Ray would otherwise find by itself — a running
+    `ray start`, or the address file a killed one leaves behind — is not joined by accident).
+    Returns which it did."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return {"ray": "cluster" if address else "local"}
+    # Slow 2-core machines take a while to start a worker group; Ray's default times out.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return {"ray": "cluster", "ray_address": address}
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]}})
+    return {"ray": "local"}
+
+
+def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: str | None = None) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    prepare_out_dir(out_dir)
+    runtime = init_ray(cfg.scale.ray_address)
+    storage = Path(cfg.scale.storage_path or rmflow_home() / "ray_results").resolve()
+    run_name = run_name or f"rmflow-{uuid.uuid4().hex[:8]}"
+    attempts = storage / run_name / "attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_dir": str(Path(data_dir).resolve()), "attempts": str(attempts)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scale.workers,
+            use_gpu=cfg.scale.use_gpu,
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})},
+        ),
+        run_config=RayRunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray training failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        summary = json.loads((Path(ckpt) / FINAL_METRICS).read_text())
+        if out_dir.exists():  # an earlier rmflow model (prepare_out_dir refused anything else)
+            shutil.rmtree(out_dir)
+        shutil.copytree(Path(ckpt) / "model", out_dir)
+    summary.update(model_dir=str(out_dir), workers=cfg.scale.workers, restarts=len(list(attempts.iterdir())) - 1,
+                   ray_run=str(storage / run_name), **runtime)
+    return summary
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    if rank == 0:
+        (Path(config["attempts"]) / uuid.uuid4().hex).touch()
+
+    def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            trained = state.pop("trained")
+            if rank == 0:
+                torch.save(state, Path(tmp) / STATE_FILE)
+            (Path(tmp) / f"trained_rank{rank}.json").write_text(json.dumps(trained))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=device,
+        prepare_model=ray.train.torch.prepare_model,
+        save_checkpoint=save_checkpoint,
+        report=lambda metrics: ray.train.report(metrics),
+        resume=_resume_state(ray.train.get_checkpoint(), rank, device),
+        show_progress=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model" if rank == 0 else None
+        summary = train_reward_model(cfg, Path(config["data_dir"]), model_dir, ctx)
+        # every rank's accounting, so rank 0 reports the whole epoch; on the worker's device (nccl
+        # only reduces CUDA tensors)
+        summary["group_train_counts"] = _all_reduce(summary["group_train_counts"], device)
+        summary["pairs_trained"] = _all_reduce([summary["pairs_trained"]], device)[0]
+        summary["pairs_truncated"] = _all_reduce([summary["pairs_truncated"]], device)[0]
+        summary["pairs_per_s"] = round(summary["pairs_trained"] / max(summary["train_s"], 1e-9), 3)
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / FINAL_METRICS).write_text(json.dumps(summary, default=float))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in summary.items() if np.isscalar(v)}, checkpoint=checkpoint)
+
+
+def _all_reduce(values: list[int], device: torch.device) -> list[int]:
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _resume_state(checkpoint, rank: int, device: torch.device) -> dict[str, Any] | None:
+    """The saved state, read as tensors only (checkpoints may sit on shared storage: no pickled
+    code is ever loaded) onto this worker's device; the RNG state stays on the CPU."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        try:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+            state["rng"] = state["rng"].cpu()
+            state["trained"] = json.loads((Path(d) / f"trained_rank{rank}.json").read_text())
+        except Exception as e:  # truncated, corrupted or not tensors-only: never resume from it
+            raise CheckpointError(f"checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                                  "start a new run (another run name) or restore the checkpoint") from None
+    return state
+
+
+def fit_parallel(jobs: list[tuple[RunConfig, Path, Path]]) -> list[dict[str, Any]]:
+    """`fit` for several independent models: single-worker jobs as Ray tasks, as many at once as the
+    cluster's CPUs (`scale.cpus_per_worker` each) or GPUs (`scale.use_gpu`) allow; multi-worker
+    jobs one after another, each on Ray Train. Summaries come back in the jobs' order."""
+    if not jobs:
+        return []
+    if any(cfg.scale.workers > 1 for cfg, _, _ in jobs):
+        return [fit(cfg, data, out) for cfg, data, out in jobs]
+    import ray
+
+    scale = jobs[0][0].scale
+    init_ray(scale.ray_address)
+    resources = {"num_gpus": 1} if scale.use_gpu else {}
+    remote = ray.remote(num_cpus=scale.cpus_per_worker, max_retries=scale.max_failures, **resources)(_fit_task)
+    return ray.get([remote.remote(cfg, str(Path(data).resolve()), str(Path(out).resolve())) for cfg, data, out in jobs])
+
+
+def _fit_task(cfg: RunConfig, data_dir: str, out_dir: str) -> dict[str, Any]:
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    return fit(cfg, Path(data_dir), Path(out_dir))
