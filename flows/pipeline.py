@@ -56,6 +56,9 @@ def data_root(params: PipelineParams) -> Path:
     return Path(params.data_root) if params.data_root else rmflow_home() / "datasets" / params.project
 
 
+LEASE_S = 60  # the concurrency slot's lease; renewed while the run lives
+
+
 def pipeline_lock(model_name: str) -> str:
     """The name of a Prefect global concurrency limit of 1 per registered model, created if
     missing: two pipeline runs for one model (two sensor triggers, a UI click during a scheduled
@@ -76,8 +79,9 @@ def pipeline_lock(model_name: str) -> str:
 @flow(name="reward-pipeline", log_prints=True)
 def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """collect → dataset → [strength] → train on Ray → register → evaluate → gate + promote → [re-annotate]."""
-    # a crashed run's slot frees itself when its lease (5 minutes) is not renewed
-    with concurrency(pipeline_lock(params.model_name), occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+    # a crashed run's slot frees itself once its lease is not renewed for LEASE_S
+    with concurrency(pipeline_lock(params.model_name), occupy=1, strict=True, lease_duration=LEASE_S,
+                     raise_on_lease_renewal_failure=False):
         return _stages(params)
 
 

@@ -71,7 +71,8 @@ def connect(url: str | None = None, token: str | None = None, attempts: int = 4)
 
         token = os.environ.get("LABEL_STUDIO_API_KEY") or local.credentials()["token"]
     if not url:
-        raise LabelStudioError("no Label Studio to talk to: start one with `rmflow labelstudio up` or set LABEL_STUDIO_URL")
+        raise LabelStudioError("Label Studio is not running: LABEL_STUDIO_URL is not set and the local server rmflow "
+                               "manages is down; start it with `rmflow labelstudio up` (or `rmflow up`)")
     client = LabelStudio(base_url=url, api_key=token, timeout=30)
     for attempt in range(attempts):
         try:

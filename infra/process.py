@@ -1,8 +1,10 @@
 """Starting, checking and stopping a local service process that rmflow owns.
 
-Each service keeps `state.json` (pid, url, command line) and a log under RMFLOW_HOME/<service>/.
-`stop` only signals the process recorded there, and only if its command line still matches, so
-rmflow never stops a server it did not start.
+Each service keeps `state.json` (pid, its start time, url) and a log under RMFLOW_HOME/<service>/.
+A process is ours only if the recorded pid is alive with the recorded start time (a pid the
+system reused for another program has another start time) and its command line still carries the
+marker; `stop` signals that process's own group (it was started in a session of its own) and
+nothing else, so rmflow never stops a server it did not start.
 """
 from __future__ import annotations
 
@@ -46,8 +48,10 @@ class ManagedService:
     def _ours(self, state: dict[str, Any]) -> bool:
         try:
             proc = psutil.Process(state["pid"])
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and state["marker"] in " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            return (proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+                    and abs(proc.create_time() - state["started"]) < 0.05
+                    and state["marker"] in " ".join(proc.cmdline()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
             return False
 
     def spawn(self, cmd: list[str], env: dict[str, str], marker: str) -> subprocess.Popen:
@@ -55,7 +59,8 @@ class ManagedService:
         log = open(self.log_file, "ab")
         # a session of its own: the service outlives the command that started it
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
-        self.state_file.write_text(json.dumps({"pid": proc.pid, "marker": marker, "cmd": cmd[:2]}))
+        started = psutil.Process(proc.pid).create_time()
+        self.state_file.write_text(json.dumps({"pid": proc.pid, "started": started, "marker": marker, "cmd": cmd[:2]}))
         return proc
 
     def record(self, **values: Any) -> None:
@@ -67,11 +72,14 @@ class ManagedService:
         if state is None:
             return False
         proc = psutil.Process(state["pid"])
-        os.killpg(proc.pid, signal.SIGTERM)
+        group = os.getpgid(proc.pid)
+        if group != proc.pid:  # started by spawn() as a session leader; anything else is not ours to signal
+            raise ServiceError(f"{self.name}: pid {proc.pid} does not lead its own process group; not stopping it")
+        os.killpg(group, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except psutil.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
         self.state_file.unlink(missing_ok=True)
         return True
 

@@ -41,7 +41,10 @@ def prefect_env() -> dict[str, str]:
     """The Prefect server's environment; `{port}` is the port it really gets. The UI calls the API
     at PREFECT_UI_API_URL, which must follow the server when 4200 is taken."""
     return {"PREFECT_HOME": str(rmflow_home() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api"}
+            "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api",
+            # concurrency-slot leases on disk, not in memory: after a server restart a dead run's slot
+            # still expires instead of staying taken for good (the pipeline takes one per model)
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
 
 
 def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, str], health: str, timeout_s: float) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from infra import labelstudio, stack
+from rmflow.infra import labelstudio, stack
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
@@ -25,8 +25,42 @@ def test_compose_ports_and_environment_match_rmflow():
 
 
 def test_kuberay_job_runs_rmflow_train_on_shared_storage():
-    job = yaml.safe_load((INFRA / "kuberay-rayjob.yaml").read_text())
+    job = next(d for d in yaml.safe_load_all((INFRA / "kuberay-rayjob.yaml").read_text()) if d["kind"] == "RayJob")
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("rmflow train")
     assert "--workers" in job["spec"]["entrypoint"] and "/shared/" in job["spec"]["entrypoint"]
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert workers["volumes"][0]["persistentVolumeClaim"]["claimName"] == "rmflow-shared"
+
+
+def test_kuberay_head_ports_only_admit_the_jobs_own_pods():
+    """The Ray Jobs API has no auth: the dashboard host is only open behind a NetworkPolicy."""
+    docs = list(yaml.safe_load_all((INFRA / "kuberay-rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/originated-from-cr-name": job["metadata"]["name"]}}}]
+    assert {p["port"] for p in rule["ports"]} == {8265, 6379, 10001}
+
+
+def test_a_managed_service_never_signals_a_process_it_did_not_start(tmp_path):
+    """A reused pid (same number, another program, another start time) is not ours: stop() leaves
+    it alone even when its command line happens to contain the marker."""
+    import json
+    import subprocess
+    import sys
+
+    from rmflow.infra.process import ManagedService
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # prefect"])
+    try:
+        svc = ManagedService("prefect", tmp_path)
+        tmp_path.mkdir(exist_ok=True)
+        svc.state_file.write_text(json.dumps({"pid": stranger.pid, "started": 1.0, "marker": "prefect", "url": "http://x"}))
+        assert svc.state() is None and svc.stop() is False
+        assert stranger.poll() is None  # still running
+        mine = svc.spawn([sys.executable, "-c", "import time; time.sleep(60)  # prefect"], {}, marker="prefect")
+        assert svc.state()["pid"] == mine.pid and svc.stop() is True
+        assert mine.wait(10) is not None and stranger.poll() is None
+    finally:
+        stranger.kill()
