@@ -142,7 +142,7 @@ def test_strength_slices_planted_reversed_pairs_score_below_chance(tiny_bert, tm
     cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 96},
                                     "optim": {"lr": 3e-3, "epochs": 1, "pairs_per_step": 8},
                                     "strength": {"ensemble": 3}})
-    result = slice_experiment(cfg, data, 5, tmp_path, "planted")
+    result = slice_experiment(cfg, data, 5, tmp_path, "planted", slice_epochs=1)
     accuracy = [s["validation"]["accuracy"] for s in result["slices"]]
     assert len(accuracy) == 5 and len({s["train_pairs"] for s in result["slices"]}) <= 2  # equal budgets (±1 pair)
     assert accuracy[0] < 0.5, accuracy
