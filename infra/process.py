@@ -104,11 +104,14 @@ def wait_healthy(url: str, deadline_s: float, alive=lambda: True, expect: bytes 
 
 
 def free_port(preferred: int) -> int:
-    """`preferred` if nothing listens there, else a free ephemeral port."""
+    """`preferred` if nothing listens there, else a free ephemeral port. Probed with SO_REUSEADDR,
+    as servers bind: a port whose last connections linger in TIME_WAIT (a server just stopped) is
+    free to listen on again."""
     import socket
 
     for port in (preferred, 0):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return s.getsockname()[1]

@@ -157,6 +157,7 @@ def test_label_studio_killed_during_collection_loses_no_label(label_studio, pref
 
     params = params_for("fault-ls")
     label(params.project, 1500, seed=43, annotated=40)
+    port = int(local.status()["url"].rsplit(":", 1)[1])
     killed = threading.Event()
 
     def kill_when_collecting() -> None:
@@ -177,7 +178,7 @@ def test_label_studio_killed_during_collection_loses_no_label(label_studio, pref
     assert "Label Studio" in failure(state)
     assert watermark(params) is None and not list(data_root(params).glob("[0-9a-f]*"))  # no dataset version
 
-    local.up(port=18080)  # the same data dir: every submitted annotation is still there
+    assert local.up(port=port)["url"].endswith(f":{port}")  # same port, same data dir: every annotation is still there
     rerun = reward_pipeline(params)
     assert rerun["total_rankings"] == 40 and rerun["new_rankings"] == 40 and rerun["passed"] in (True, False)
     assert set(registry_statuses(params.model_name).values()) <= {"passed", "failed"}

@@ -150,3 +150,21 @@ def test_a_corrupted_checkpoint_fails_naming_it_and_a_fresh_run_finishes(ray_run
     assert damaged and not (tmp_path / "model").exists()
     fresh = run_ray_training(cfg, data, tmp_path / "model", run_name="fresh")
     assert fresh["restarts"] == 0 and all(c == 1 for c in fresh["group_train_counts"])
+
+
+def test_the_kill_helper_only_sees_this_runtimes_workers():
+    """A process elsewhere on the machine whose command line says RayTrainWorker (someone else's
+    Ray job) is never a candidate for the fault tests' SIGKILL."""
+    import subprocess
+
+    import psutil
+
+    subprocess.run(["setsid", "bash", "-c", "exec -a RayTrainWorker-someone-elses sleep 30 &"], check=True)
+    time.sleep(0.5)
+    decoys = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker-someone-elses" in " ".join(p.info["cmdline"] or [])]
+    try:
+        assert decoys, "the decoy did not start"
+        assert not {p.pid for p in ray_train_workers()} & {p.pid for p in decoys}
+    finally:
+        for p in decoys:
+            p.kill()
