@@ -22,6 +22,10 @@ def test_compose_ports_and_environment_match_rmflow():
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true" and env["LABEL_STUDIO_USERNAME"] == labelstudio.ADMIN
     assert services["labelstudio"]["image"].endswith(labelstudio.VERSION)
     assert "postgresql://" in services["mlflow"]["command"]
+    # the same settings rmflow's managed servers get
+    prefect_env = stack.prefect_env()
+    assert services["prefect"]["environment"]["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == prefect_env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"]
+    assert env["LABEL_STUDIO_SENTRY_DSN"] == labelstudio._env({"password": "", "token": ""})["LABEL_STUDIO_SENTRY_DSN"] == ""
 
 
 def test_kuberay_job_runs_rmflow_train_on_shared_storage():
