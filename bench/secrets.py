@@ -19,6 +19,7 @@ import numpy as np
 
 from rmcore.config import RunConfig, StrengthConfig
 from rmcore.evaluate import evaluate_rows
+from rmcore.metrics import Evaluation
 from rmcore.scoring import RewardScorer
 from rmflow.bench.train_vs_trl import common_args, emit, prepare
 from rmflow.tasks.strength import ensemble_strengths, strength_rows, write_strength_dataset
@@ -33,10 +34,17 @@ def bootstrap_ci(correct: np.ndarray, resamples: int = 2000, seed: int = 0) -> t
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def accuracy_with_ci(ev: Evaluation) -> dict[str, Any]:
+    """Strict accuracy and its 95% bootstrap CI over the evaluated pairs (NaN when there are none)."""
+    if not len(ev.correct):
+        return {"accuracy": float("nan"), "ci95": [float("nan"), float("nan")], "pairs": 0}
+    low, high = bootstrap_ci(ev.correct.astype(float))
+    return {"accuracy": round(ev.metrics["accuracy"], 4), "ci95": [round(low, 4), round(high, 4)], "pairs": ev.metrics["n"]}
+
+
 def held_out(scorer: RewardScorer, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ev = evaluate_rows(scorer, rows)
-    low, high = bootstrap_ci(ev.correct.astype(float))
-    return {"accuracy": round(ev.metrics["accuracy"], 4), "ci95": [round(low, 4), round(high, 4)], "pairs": ev.metrics["n"],
+    return {**accuracy_with_ci(ev),
             "by_strength_decile": {k: round(v["accuracy"], 3) for k, v in ev.metrics.get("accuracy_by_strength_decile", {}).items()}}
 
 

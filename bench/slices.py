@@ -31,18 +31,10 @@ from rmcore.dataset import load_groups, read_manifest, write_derived_dataset
 from rmcore.evaluate import evaluate_rows
 from rmcore.scoring import RewardScorer
 from rmcore.strength import slice_by_strength
-from rmflow.bench.secrets import bootstrap_ci
+from rmflow.bench.secrets import accuracy_with_ci
 from rmflow.bench.train_vs_trl import common_args, emit, prepare
 from rmflow.infra.ray_train import fit_parallel
 from rmflow.tasks.strength import ensemble_strengths, write_strength_dataset
-
-
-def accuracy_with_ci(scorer: RewardScorer, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    if not any(r["pairs"] for r in rows):
-        return {"accuracy": float("nan"), "ci95": [float("nan"), float("nan")], "pairs": 0}
-    ev = evaluate_rows(scorer, rows)
-    low, high = bootstrap_ci(ev.correct.astype(float))
-    return {"accuracy": round(ev.metrics["accuracy"], 4), "ci95": [round(low, 4), round(high, 4)], "pairs": ev.metrics["n"]}
 
 
 def slice_experiment(cfg: RunConfig, data: Path, slices: int, work: Path, name: str,
@@ -73,7 +65,8 @@ def slice_experiment(cfg: RunConfig, data: Path, slices: int, work: Path, name: 
         row = {"dataset": name, "slice": k, "range": f"{100 * k // slices}-{100 * (k + 1) // slices}%",
                "strength_min": round(float(bounds[k].min()), 4), "strength_max": round(float(bounds[k].max()), 4),
                "train_pairs": int(summary["pairs_trained"]), "steps": int(summary["steps"]),
-               "validation": accuracy_with_ci(scorer, validation), "test": accuracy_with_ci(scorer, test)}
+               "validation": accuracy_with_ci(evaluate_rows(scorer, validation)),
+               "test": accuracy_with_ci(evaluate_rows(scorer, test))}
         emit(row)
         table.append(row)
     return {"dataset": name, "slices": table, "strength_dataset": strength.dataset, "slice_epochs": model_cfg.optim.epochs,

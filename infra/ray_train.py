@@ -17,13 +17,14 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rmcore.config import RunConfig
+from rmcore.config import RunConfig, ScaleConfig
 from rmcore.model import META_FILE
 from rmcore.paths import rmflow_home
 from rmcore.train import WorkerContext, resolve_device, train_reward_model
@@ -187,22 +188,27 @@ def _resume_state(checkpoint, rank: int, device: torch.device) -> dict[str, Any]
 
 
 def fit_parallel(jobs: list[tuple[RunConfig, Path, Path]]) -> list[dict[str, Any]]:
-    """`fit` for several independent models: single-worker jobs as Ray tasks, as many at once as the
-    cluster's CPUs (`scale.cpus_per_worker` each) or GPUs (`scale.use_gpu`) allow; multi-worker
-    jobs one after another, each on Ray Train. Summaries come back in the jobs' order."""
+    """`fit` for several independent models: single-worker jobs as Ray tasks (`map_on_ray`);
+    multi-worker jobs one after another, each on Ray Train. Summaries come back in the jobs' order."""
     if not jobs:
         return []
     if any(cfg.scale.workers > 1 for cfg, _, _ in jobs):
         return [fit(cfg, data, out) for cfg, data, out in jobs]
+    return map_on_ray(fit, [(cfg, Path(data).resolve(), Path(out).resolve()) for cfg, data, out in jobs], jobs[0][0].scale)
+
+
+def map_on_ray(fn: Callable[..., Any], jobs: list[tuple], scale: ScaleConfig) -> list[Any]:
+    """`fn(*job)` for every job as a Ray task reserving `scale.cpus_per_worker` CPUs (torch uses as
+    many threads) or one GPU (`scale.use_gpu`), as many at once as the cluster allows. Paths in
+    the jobs must be absolute: tasks may run elsewhere. Results come back in the jobs' order."""
     import ray
 
-    scale = jobs[0][0].scale
     init_ray(scale.ray_address)
     resources = {"num_gpus": 1} if scale.use_gpu else {}
-    remote = ray.remote(num_cpus=scale.cpus_per_worker, max_retries=scale.max_failures, **resources)(_fit_task)
-    return ray.get([remote.remote(cfg, str(Path(data).resolve()), str(Path(out).resolve())) for cfg, data, out in jobs])
+    remote = ray.remote(num_cpus=scale.cpus_per_worker, max_retries=scale.max_failures, **resources)(_with_threads)
+    return ray.get([remote.remote(fn, int(scale.cpus_per_worker), *job) for job in jobs])
 
 
-def _fit_task(cfg: RunConfig, data_dir: str, out_dir: str) -> dict[str, Any]:
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    return fit(cfg, Path(data_dir), Path(out_dir))
+def _with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
+    torch.set_num_threads(max(1, threads))
+    return fn(*args)

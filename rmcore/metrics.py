@@ -109,16 +109,15 @@ def evaluate_rewards(rows: list[dict[str, Any]], rewards: np.ndarray) -> Evaluat
     metrics: dict[str, Any] = pair_metrics(d, rewards[tie_a] - rewards[tie_b], rewards)
     lengths = np.array([len(t.split()) for t in texts])
     metrics["length_bias"] = float(spearmanr(rewards, lengths).statistic) if len(set(lengths.tolist())) > 1 else 0.0
-    shorter = lengths[w] < lengths[l] if len(w) else np.zeros(0, dtype=bool)
+    shorter = lengths[w] < lengths[l]
     metrics["accuracy_chosen_shorter"] = float((d[shorter] > 0).mean()) if shorter.any() else float("nan")
-    if any("blocks" in r for r in rows):
-        blocks = np.array([b for r in rows for b in r["blocks"]], dtype=np.int64)
-        metrics["accuracy_by_rank_distance"] = _bucketed(d, blocks[l] - blocks[w], lambda v: str(int(v)))
+    blocks = np.array([b for r in rows for b in r["blocks"]], dtype=np.int64)
+    metrics["accuracy_by_rank_distance"] = _bucketed(d, blocks[l] - blocks[w], lambda v: str(int(v)))
     s = np.array([x for r in rows for x in (r.get("strengths") or [np.nan] * len(r["pairs"]))], dtype=float)
     if np.isfinite(s).any():
         edges = np.nanquantile(s, np.linspace(0.1, 0.9, 9))
         metrics["accuracy_by_strength_decile"] = _bucketed(d, s, lambda v: f"d{int(np.searchsorted(edges, v)) + 1:02d}")
-    return Evaluation(metrics, (d > 0).astype(np.int8), rewards[w], rewards[l], reliability_curve(d) if len(d) else [])
+    return Evaluation(metrics, (d > 0).astype(np.int8), rewards[w], rewards[l], reliability_curve(d))
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from rmcore.evaluate import evaluate_rows
 from rmcore.records import content_hash
 from rmcore.scoring import RewardScorer
 from rmcore.strength import REANNOTATION_FILE, STRENGTH_FILE, apply_strategy, final_run_config, reannotation_candidates, strength_stats
-from rmflow.infra.ray_train import fit, init_ray
+from rmflow.infra.ray_train import fit, map_on_ray
 
 
 def member_config(cfg: RunConfig, member: int) -> RunConfig:
@@ -53,19 +53,7 @@ def train_members(cfg: RunConfig, data_dir: Path, work: Path) -> list[tuple[dict
     dirs = [work / f"member{m}" for m in range(len(configs))]
     if not cfg.strength.parallel or cfg.scale.workers > 1:
         return [train_member(c, data_dir, d) for c, d in zip(configs, dirs)]
-    import ray
-
-    init_ray(cfg.scale.ray_address)
-    resources = {"num_gpus": 1} if cfg.scale.use_gpu else {}
-    remote = ray.remote(num_cpus=cfg.scale.cpus_per_worker, max_retries=cfg.scale.max_failures, **resources)(_train_member_task)
-    return ray.get([remote.remote(c, str(data_dir.resolve()), str(d.resolve())) for c, d in zip(configs, dirs)])
-
-
-def _train_member_task(cfg: RunConfig, data_dir: str, model_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    import torch
-
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    return train_member(cfg, Path(data_dir), Path(model_dir))
+    return map_on_ray(train_member, [(c, data_dir.resolve(), d.resolve()) for c, d in zip(configs, dirs)], cfg.scale)
 
 
 def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False) -> dict[str, Any]:

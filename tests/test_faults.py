@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
+# the pipeline in a process of its own (argv[1]: PipelineParams as JSON); its result on the last line
+RUN_PIPELINE = ("import json, sys; from rmflow.flows.pipeline import PipelineParams, reward_pipeline; "
+                "print(json.dumps(reward_pipeline(PipelineParams.model_validate_json(sys.argv[1])), default=str))")
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +256,8 @@ def test_two_pipeline_runs_on_the_same_labels_at_once(label_studio, prefect_harn
 
     params = params_for("fault-twice")
     label(params.project, 40, seed=49)
-    code = ("import json, sys; from rmflow.flows.pipeline import PipelineParams, reward_pipeline; "
-            "print(json.dumps(reward_pipeline(PipelineParams.model_validate_json(sys.argv[1])), default=str))")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    procs = [subprocess.Popen([sys.executable, "-c", code, params.model_dump_json()], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_PIPELINE, params.model_dump_json()], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
@@ -400,9 +401,7 @@ def test_prefect_server_restarted_during_a_pipeline_run(label_studio, params_for
     server.start()
     try:
         env = {**os.environ, "PREFECT_API_URL": server.api}
-        code = ("import json, sys; from rmflow.flows.pipeline import PipelineParams, reward_pipeline; "
-                "print(json.dumps(reward_pipeline(PipelineParams.model_validate_json(sys.argv[1])), default=str))")
-        proc = subprocess.Popen([sys.executable, "-c", code, params.model_dump_json()], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", RUN_PIPELINE, params.model_dump_json()], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -422,7 +421,7 @@ def test_prefect_server_restarted_during_a_pipeline_run(label_studio, params_for
         else:
             assert f"127.0.0.1:{server.port}" in err or "PrefectHTTPStatusError" in err or "ConnectError" in err, err[-3000:]
             assert watermark(params) is None
-        rerun = subprocess.run([sys.executable, "-c", code, params.model_dump_json()], env=env, capture_output=True, text=True, timeout=900)
+        rerun = subprocess.run([sys.executable, "-c", RUN_PIPELINE, params.model_dump_json()], env=env, capture_output=True, text=True, timeout=900)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         final = json.loads(rerun.stdout.strip().splitlines()[-1])
         assert final["total_rankings"] == 40 and watermark(params) == final["watermark"]

@@ -71,13 +71,24 @@ def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], deadl
     it then lists it in the run's checkpoint-manager snapshot (a folder on disk alone may not be
     registered yet when the machine is busy). Only workers of the Ray runtime this test process
     started (its descendants) are candidates: other people's Ray processes are never touched."""
-    end = time.time() + deadline_s
-    while time.time() < end and not registered_checkpoints(run_dir):
-        time.sleep(0.1)
+    wait_for_a_checkpoint(run_dir, deadline_s)
     for proc in ray_train_workers():
         os.kill(proc.pid, signal.SIGKILL)
         killed.append(proc.pid)
         return
+
+
+def wait_for_a_checkpoint(run_dir: Path, deadline_s: float) -> None:
+    end = time.time() + deadline_s
+    while time.time() < end and not registered_checkpoints(run_dir):
+        time.sleep(0.1)
+
+
+def synthetic_data(path: Path, prompts: int, seed: int) -> Path:
+    """A K=4 synthetic dataset of `prompts` prompts, one annotator."""
+    rankings = synthetic_rankings(synthetic_items(prompts, k=4, seed=seed), annotators=1, seed=seed + 1)
+    write_preference_dataset(ConversionResult(rankings=rankings), path, {"kind": "synthetic"})
+    return path
 
 
 def ray_train_workers() -> list:
@@ -103,9 +114,7 @@ def registered_checkpoints(run_dir: Path) -> int:
 
 
 def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_runtime, slower_backbone, tmp_path):
-    data = tmp_path / "ds"
-    rankings = synthetic_rankings(synthetic_items(400, k=4, seed=7), annotators=1, seed=8)
-    write_preference_dataset(ConversionResult(rankings=rankings), data, {"kind": "synthetic"})
+    data = synthetic_data(tmp_path / "ds", 400, seed=7)
     storage = tmp_path / "ray"
     cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=4, max_failures=2)
     killed: list[int] = []
@@ -123,18 +132,14 @@ def test_a_corrupted_checkpoint_fails_naming_it_and_a_fresh_run_finishes(ray_run
     """A checkpoint damaged on storage (truncated state) is never half-loaded: the restart that
     would resume from it fails naming the checkpoint, nothing is written to the model folder, and
     a fresh run trains every prompt group once."""
-    data = tmp_path / "ds"
-    rankings = synthetic_rankings(synthetic_items(300, k=4, seed=9), annotators=1, seed=10)
-    write_preference_dataset(ConversionResult(rankings=rankings), data, {"kind": "synthetic"})
+    data = synthetic_data(tmp_path / "ds", 300, seed=9)
     storage = tmp_path / "ray"
     cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=2, max_failures=1)
     damaged: list[str] = []
 
     def corrupt_then_kill() -> None:
         run_dir = storage / "corrupt"
-        end = time.time() + 400
-        while time.time() < end and not registered_checkpoints(run_dir):
-            time.sleep(0.1)
+        wait_for_a_checkpoint(run_dir, 400)
         for state in run_dir.rglob("state.pt"):
             state.write_bytes(state.read_bytes()[:64])
             damaged.append(str(state))
