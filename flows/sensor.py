@@ -10,11 +10,11 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
+from rmcore.names import PIPELINE_DEPLOYMENT
 from rmcore.watermark import read_watermark
 from rmflow.flows.pipeline import PipelineParams, data_root, reward_pipeline
 from rmflow.tasks.collect import count_task
 
-PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"
 IN_FLIGHT = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 
 

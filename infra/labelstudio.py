@@ -24,6 +24,13 @@ from rmflow.infra.process import ManagedService, ServiceError, free_port, wait_h
 
 VERSION = "1.23.2"
 ADMIN = "admin@rmflow.local"
+# Label Studio 1.23's default banned subnets (core/utils/io.py validate_ip) without 127.0.0.0/8
+BANNED_EXCEPT_LOOPBACK = [
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24",
+    "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4",
+    "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96", "::ffff:0:0:0/96",
+    "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28", "2001:db8::/32", "2002::/16",
+    "fc00::/7", "fe80::/10", "ff00::/8"]
 STARTED = re.compile(rb"Starting development server at (http://[\d.]+:(\d+))/?")
 
 
@@ -85,6 +92,10 @@ def _env(creds: dict[str, str]) -> dict[str, str]:
         "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_BASE_DATA_DIR": str(ls_home() / "data"),
         "DJANGO_DB": "sqlite",
+        # webhooks to rmflow's receiver on 127.0.0.1: Label Studio's SSRF guard bans loopback along
+        # with every private range. Keep the guard and its list, minus loopback only.
+        "USE_DEFAULT_BANNED_SUBNETS": "false",
+        "USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_EXCEPT_LOOPBACK),
     }
 
 

@@ -30,8 +30,15 @@ class LabelStudioError(RuntimeError):
     pass
 
 
+# Label Studio's Ranker prints each item's id (r0…r3, the order rmflow generated the responses in)
+# under its text: noise for annotators and a hint at the source order. The id line is the item's last
+# paragraph (libs/editor/src/components/Ranker/Item.tsx); the annotator sees title and text only.
+# (No child combinator: the Style tag HTML-escapes ">".)
+HIDE_ITEM_IDS = "<Style>.htx-ranker-item p:last-of-type { display: none; }</Style>"
+
+
 def ranking_config(k: int) -> str:
-    return (f'<View><Header value="Rank the {k} responses, best first"/><Text name="prompt" value="$prompt"/>'
+    return (f'<View>{HIDE_ITEM_IDS}<Header value="Rank the {k} responses, best first"/><Text name="prompt" value="$prompt"/>'
             f'<List name="{LIST_NAME}" value="$items" title="Responses"/><Ranker name="{RANKER_NAME}" toName="{LIST_NAME}"/></View>')
 
 
@@ -100,6 +107,23 @@ def ensure_project(ls: LabelStudio, title: str, k: int = DEFAULT_RESPONSES) -> i
         return ls.projects.create(title=title, label_config=ranking_config(k)).id
 
 
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"]
+
+
+def ensure_webhook(ls: LabelStudio, project_id: int, url: str, secret: str) -> int:
+    """Registers (or updates) the project's webhook to rmflow's receiver at `url`, sending the
+    shared secret as a bearer token; returns its id. One webhook per (project, url)."""
+    headers = {"Authorization": f"Bearer {secret}"}
+    with api_errors():
+        for hook in ls.webhooks.list(project=str(project_id)):
+            if hook.url == url and hook.project == project_id:
+                ls.webhooks.update(id=hook.id, url=url, headers=headers, actions=WEBHOOK_ACTIONS, is_active=True,
+                                   send_payload=True, send_for_all_actions=False)
+                return hook.id
+        return ls.webhooks.create(project=project_id, url=url, headers=headers, actions=WEBHOOK_ACTIONS, is_active=True,
+                                  send_payload=True, send_for_all_actions=False).id
+
+
 def task_hash(prompt: str, responses: list[str]) -> str:
     return hashlib.sha256(json.dumps([prompt, sorted(responses)]).encode()).hexdigest()[:20]
 
@@ -136,10 +160,39 @@ def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], 
     return {"imported": len(new), "skipped": len(items) - len(new)}
 
 
-def pull_tasks(ls: LabelStudio, project_id: int) -> list[dict[str, Any]]:
-    """Every task with its annotations (plain iteration: the pager follows the pages)."""
+DM_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the one datetime format Label Studio's task filters parse (UTC)
+
+
+def updated_after_query(stamp: str) -> str:
+    """A Data Manager filter for tasks updated strictly after `stamp` (any ISO 8601). A task's
+    `updated_at` moves whenever one of its annotations is created, updated or deleted."""
+    from datetime import timezone
+
+    from rmcore.watermark import parse_time
+
+    when = parse_time(stamp)
+    if when is None:
+        raise ValueError(f"not a timestamp: {stamp!r}")
+    value = when.astimezone(timezone.utc).strftime(DM_TIME)
+    return json.dumps({"filters": {"conjunction": "and", "items": [
+        {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": value}]}})
+
+
+def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = None) -> list[dict[str, Any]]:
+    """Tasks with their annotations, sorted by id: every task, or only those updated after
+    `updated_after` (filtered by the server). Plain iteration: the pager follows the pages."""
+    query = updated_after_query(updated_after) if updated_after else None
     with api_errors():
-        return [t.model_dump(mode="json") for t in ls.tasks.list(project=project_id, fields="all")]
+        tasks = [t.model_dump(mode="json") for t in ls.tasks.list(project=project_id, fields="all", query=query, page_size=500)]
+    return sorted(tasks, key=lambda t: t["id"])
+
+
+def task_versions(ls: LabelStudio, project_id: int) -> dict[int, str]:
+    """Every task id of the project with its `updated_at`: a cheap listing (no data, no
+    annotations) that shows which tasks changed, appeared or were deleted since a snapshot."""
+    with api_errors():
+        return {t.id: t.model_dump(mode="json")["updated_at"]
+                for t in ls.tasks.list(project=project_id, fields="task_only", include="id,updated_at", page_size=5000)}
 
 
 def label_config(ls: LabelStudio, project_id: int) -> str:

@@ -1,5 +1,6 @@
 """The local stack: Prefect server (SQLite), MLflow server (the same SQLite store rmflow writes, plus
-local artifacts) and Label Studio, all bound to 127.0.0.1, state and logs under RMFLOW_HOME.
+local artifacts), Label Studio, the webhook receiver and the served deployments, all bound to
+127.0.0.1, state and logs under RMFLOW_HOME/<service>/.
 
 To use existing services instead, set PREFECT_API_URL, MLFLOW_TRACKING_URI, LABEL_STUDIO_URL +
 LABEL_STUDIO_API_KEY and RAY_ADDRESS: flows and CLI commands then talk to those. `up` still starts
@@ -8,6 +9,7 @@ names a server.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,7 +22,7 @@ from rmcore.paths import mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
 from rmflow.infra import labelstudio
 from rmflow.infra.process import ManagedService, free_port, wait_healthy
 
-PREFECT_PORT, MLFLOW_PORT = 4200, 5000
+PREFECT_PORT, MLFLOW_PORT, RECEIVER_PORT, RUNNER_PORT = 4200, 5000, 8765, 8766
 
 
 def _bin(name: str) -> str:
@@ -35,6 +37,14 @@ def prefect_service() -> ManagedService:
 
 def mlflow_service() -> ManagedService:
     return ManagedService("mlflow", rmflow_home() / "mlflow")
+
+
+def receiver_service() -> ManagedService:
+    return ManagedService("receiver", rmflow_home() / "receiver")
+
+
+def deployments_service() -> ManagedService:
+    return ManagedService("deployments", rmflow_home() / "deployments")
 
 
 def prefect_env() -> dict[str, str]:
@@ -75,23 +85,99 @@ def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120) -> dict[str, Any]
     return _start_http(mlflow_service(), port, cmd, {}, "/health", timeout_s)
 
 
-def up(label_studio: bool = True) -> dict[str, Any]:
+def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 60) -> dict[str, Any]:
+    """The webhook receiver (`rmflow receiver`), emitting to `prefect_api`; the shared secret
+    reaches it through its own file or the environment, never its command line."""
+    cmd = [_bin("rmflow"), "receiver", "--host", "127.0.0.1", "--port", "{port}"]
+    return _start_http(receiver_service(), port, cmd, {"PREFECT_API_URL": prefect_api}, "/health", timeout_s)
+
+
+def deployments_up(prefect_api: str, params_file: Path, min_new_labels: int, interval_s: int, window_s: int,
+                   port: int = RUNNER_PORT, timeout_s: float = 120) -> dict[str, Any]:
+    """`rmflow serve` in the background: registers the deployments (and the label trigger) and runs
+    their flow runs. Healthy once the runner's own webserver answers /health, which it does only
+    after the deployments are registered and while it keeps polling for runs."""
+    cmd = [_bin("rmflow"), "serve", "--params", str(params_file), "--min-new-labels", str(min_new_labels),
+           "--interval", str(interval_s), "--window", str(window_s)]
+    env = {"PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_SERVER_ENABLE": "true", "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
+           "PREFECT_RUNNER_SERVER_PORT": "{port}", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
+    return _start_http(deployments_service(), port, cmd, env, "/health", timeout_s)
+
+
+def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
+    also the receiver, the project's webhook to it and the deployments."""
     out = {"prefect": prefect_up(), "mlflow": mlflow_up()}
     if label_studio:
         out["labelstudio"] = labelstudio.up()
+    if serve is not None:
+        api = out["prefect"]["api_url"]
+        out["receiver"] = receiver_up(api)
+        settings = serve_settings(**serve)
+        if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
+            out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
+        out["deployments"] = deployments_up(api, settings["file"], settings["min_new_labels"], settings["interval_s"],
+                                            settings["window_s"])
     return out
 
 
-def down() -> dict[str, bool]:
-    return {"prefect": prefect_service().stop(), "mlflow": mlflow_service().stop(), "labelstudio": labelstudio.down()}
+def serve_settings(params: dict[str, Any], min_new_labels: int = 20, interval_s: int = 600, window_s: int = 3600,
+                   **_: Any) -> dict[str, Any]:
+    """Writes the deployments' default parameters where the serve process reads them."""
+    from rmflow.flows.pipeline import PipelineParams
+
+    checked = PipelineParams.model_validate(params).model_dump(mode="json")
+    path = deployments_service().home / "params.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(checked, indent=1))
+    return {"params": checked, "file": path, "min_new_labels": min_new_labels, "interval_s": interval_s, "window_s": window_s}
+
+
+def register_webhook(project: str, receiver_url: str) -> dict[str, Any]:
+    """Project setup: the Label Studio project (created if missing) posts its annotations to the receiver."""
+    from rmflow.infra import labelstudio_api as lst
+    from rmflow.infra.receiver import HOOK_PATH, webhook_secret
+
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, project)
+    url = receiver_url.rstrip("/") + HOOK_PATH
+    return {"project": project, "project_id": project_id, "url": url,
+            "id": lst.ensure_webhook(ls, project_id, url, webhook_secret())}
+
+
+SERVICES = ("deployments", "receiver", "prefect", "mlflow", "labelstudio")
+
+
+def _services() -> dict[str, ManagedService]:
+    return {"deployments": deployments_service(), "receiver": receiver_service(), "prefect": prefect_service(),
+            "mlflow": mlflow_service(), "labelstudio": labelstudio.service()}
+
+
+def down(only: tuple[str, ...] = SERVICES) -> dict[str, bool]:
+    """Stops the services rmflow started, the deployments first (their runs need the servers)."""
+    services = _services()
+    return {name: services[name].stop() for name in SERVICES if name in only}
+
+
+HEALTH = {"deployments": "/health", "receiver": "/health", "prefect": "/api/health", "mlflow": "/health", "labelstudio": "/health"}
 
 
 def status() -> dict[str, Any]:
+    """Each service: running (our process alive), url, pid, healthy (its health endpoint answers)."""
+    import urllib.request
+
     out = {}
-    for name, svc in (("prefect", prefect_service()), ("mlflow", mlflow_service())):
+    for name, svc in _services().items():
         state = svc.state()
-        out[name] = {"running": bool(state), "url": state.get("url") if state else None}
-    out["labelstudio"] = labelstudio.status()
+        healthy = False
+        if state and state.get("url"):
+            try:
+                with urllib.request.urlopen(state["url"] + HEALTH[name], timeout=3) as resp:
+                    healthy = resp.status == 200
+            except OSError:
+                healthy = False
+        out[name] = {"running": bool(state), "url": state.get("url") if state else None,
+                     "pid": state.get("pid") if state else None, "healthy": healthy}
     return out
 
 

@@ -11,12 +11,16 @@ from rmcore.config import RunConfig
 
 
 class LabelSnapshot(BaseModel):
-    """One pull of a Label Studio project: every task with its annotations, in one JSON file."""
+    """One pull of a Label Studio project: every task with its annotations, in one JSON file
+    (fetched whole, or only what changed since the previous snapshot and merged into it)."""
 
     project: str
     snapshot: str = Field(description="Path of the snapshot file (named by its content hash).")
     tasks: int
     annotations: int
+    fetched: int = Field(0, description="Tasks fetched from Label Studio by this pull (all of them on a full pull).")
+    deleted: int = Field(0, description="Tasks of the previous snapshot that Label Studio no longer has.")
+    incremental: bool = Field(False, description="Merged into the previous snapshot rather than pulled whole.")
 
 
 class LabelDataset(BaseModel):

@@ -11,6 +11,13 @@ EXPERIMENT = "rmflow"  # MLflow experiment of every run rmflow logs
 CHAMPION, PREVIOUS = "champion", "previous"  # registry aliases: the promoted version and the one before
 MODEL_ARTIFACT = "reward_model"  # artifact path of the pyfunc in a run
 REANNOTATE_FIELD = "rmflow_reannotate"  # task data field marking a pair sent back for re-annotation
+ANNOTATION_EVENT = "rmflow.annotation"  # Prefect events the webhook receiver emits: <this>.created|updated
+PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"  # <flow>/<deployment> that triggers start
+
+
+def project_resource(project_id: int | str) -> str:
+    """The Prefect resource id of a Label Studio project, in the receiver's events."""
+    return f"rmflow.labelstudio.project.{project_id}"
 
 # MLflow registered-model names and Label Studio project titles rmflow accepts: they end up in
 # MLflow search filters and file names, so nothing that could change a query's meaning.

@@ -296,17 +296,52 @@ def collect(
     emit({**labels.model_dump(), **snapshot.model_dump(include={"snapshot", "annotations"})})
 
 
+def _pipeline_params(params_file: Optional[Path], project: str, model_name: str, workers: int) -> dict[str, Any]:
+    """The deployments' default PipelineParams: a JSON/YAML file (PipelineParams fields), else the options."""
+    if params_file is not None:
+        import yaml
+
+        return yaml.safe_load(params_file.read_text()) or {}
+    return {"project": project, "model_name": model_name, "run": {"scale": {"workers": workers}}}
+
+
+_PARAMS_HELP = "JSON/YAML file of the pipeline's default parameters (PipelineParams: project, model_name, run, gate, ...); overrides --project/--model-name/--workers."
+
+
 @app.command()
-def up(label_studio: bool = typer.Option(True, help="Also start Label Studio.")) -> None:
-    """Start the local stack (Prefect server, MLflow server, Label Studio) on 127.0.0.1."""
+def up(
+    label_studio: bool = typer.Option(True, help="Also start Label Studio (off when LABEL_STUDIO_URL names yours)."),
+    deployments: bool = typer.Option(True, help="Also serve the deployments and run the webhook receiver."),
+    project: str = typer.Option(DEFAULT_PROJECT, help="Label Studio project the deployments train from."),
+    model_name: str = typer.Option(DEFAULT_MODEL, help="Registered model name."),
+    workers: int = typer.Option(1, help="Ray Train workers for each training."),
+    params: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help=_PARAMS_HELP),
+    min_new_labels: int = typer.Option(20, help="New annotations that start a retrain (event trigger and label sensor)."),
+    interval: int = typer.Option(600, help="Seconds between label-sensor polls (0: no schedule)."),
+    window: int = typer.Option(3600, help="The event trigger counts annotations within this many seconds."),
+    webhook: bool = typer.Option(True, help="Register the project's Label Studio webhook to the receiver."),
+    webhook_url: Optional[str] = typer.Option(None, help="The receiver's URL as Label Studio reaches it (a remote Label "
+                                              "Studio cannot reach 127.0.0.1; put a proxy in front and give its URL)."),
+) -> None:
+    """Start the local stack on 127.0.0.1 as background services: Prefect server, MLflow server,
+    Label Studio, the webhook receiver and the served deployments (reward-pipeline with its label
+    trigger, label-sensor, request-reannotation)."""
     from rmflow.infra import stack
 
+    serve = None
+    if deployments:
+        serve = {"params": _pipeline_params(params, project, model_name, workers), "min_new_labels": min_new_labels,
+                 "interval_s": interval, "window_s": window, "webhook": webhook, "webhook_url": webhook_url}
+    label_studio = label_studio and not os.environ.get("LABEL_STUDIO_URL")
     try:
-        result = stack.up(label_studio)
-    except RuntimeError as e:
-        fail(str(e))
+        result = stack.up(label_studio, serve)
+    except Exception as e:  # noqa: BLE001 — a service that would not start: one clear line
+        fail(_ls_failure(e) if "Label Studio" in str(e) else str(e))
     for name, svc in result.items():
         console.print(f"{name:12} {svc['url']}")
+    if deployments:
+        console.print(f"\nPrefect UI: {result['prefect']['url']}/deployments — run reward-pipeline from there; "
+                      f"{min_new_labels} new annotations in {serve['params'].get('project', project)} start it too.")
     emit(result)
 
 
@@ -320,21 +355,28 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Which local services run, and where."""
+    """Each local service rmflow manages: URL, pid and whether its health check answers."""
     from rmflow.infra import stack
 
-    emit(stack.status())
+    result = stack.status()
+    for name, svc in result.items():
+        state = "[green]healthy[/]" if svc["healthy"] else ("[yellow]unhealthy[/]" if svc["running"] else "[dim]stopped[/]")
+        console.print(f"{name:12} {state:24} {svc['url'] or '-':28} pid {svc['pid'] or '-'}")
+    emit(result)
 
 
 @app.command()
 def serve(
     project: str = typer.Option(DEFAULT_PROJECT, help="Label Studio project to watch."),
     model_name: str = typer.Option(DEFAULT_MODEL, help="Registered model name."),
-    min_new_labels: int = typer.Option(20, help="New annotations that trigger a retrain."),
-    interval: int = typer.Option(300, help="Seconds between label-sensor runs."),
     workers: int = typer.Option(1, help="Ray Train workers for each training."),
+    params: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help=_PARAMS_HELP),
+    min_new_labels: int = typer.Option(20, help="New annotations that start a retrain (event trigger and label sensor)."),
+    interval: int = typer.Option(600, help="Seconds between label-sensor polls (0: no schedule)."),
+    window: int = typer.Option(3600, help="The event trigger counts annotations within this many seconds."),
 ) -> None:
-    """Register and serve the pipeline and label-sensor deployments on the Prefect server."""
+    """Register and serve the deployments on the Prefect server, in the foreground (`rmflow up`
+    runs this in the background)."""
     from rmflow.flows.deploy import serve_deployments
     from rmflow.flows.pipeline import PipelineParams
     from rmflow.infra import stack
@@ -342,10 +384,22 @@ def serve(
     api = stack.prefect_api_url()
     if not api:
         fail("no Prefect server: run `rmflow up` or set PREFECT_API_URL")
-    console.print(f"serving reward-pipeline and label-sensor on {api} (Ctrl-C stops)")
+    pipeline = PipelineParams.model_validate(_pipeline_params(params, project, model_name, workers))
+    console.print(f"serving reward-pipeline, label-sensor and request-reannotation on {api} (Ctrl-C stops)")
     with stack.using_prefect(api):
-        serve_deployments(PipelineParams(project=project, model_name=model_name, run={"scale": {"workers": workers}}),
-                          min_new_labels, interval)
+        serve_deployments(pipeline, min_new_labels, interval, window)
+
+
+@app.command()
+def receiver(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback exposes it to your network."),
+    port: int = typer.Option(8765, help="Port."),
+) -> None:
+    """The webhook receiver, in the foreground: Label Studio annotation webhooks → Prefect events
+    (needs PREFECT_API_URL; the shared secret is RMFLOW_WEBHOOK_SECRET or RMFLOW_HOME/receiver/secret)."""
+    from rmflow.infra.receiver import serve as run
+
+    run(host, port)
 
 
 @app.command()

@@ -1,43 +1,100 @@
-"""Stage 1, collect: pull a Label Studio project (every task with its annotations, and the label
-config) into a snapshot file named by its content hash, so the same labels give the same file."""
+"""Stage 1, collect: a snapshot of a Label Studio project (every task with its annotations, and the
+label config) in a file named by its content hash, so the same labels give the same file.
+
+Incremental: after the first pull, only tasks whose `updated_at` changed since the previous
+snapshot are fetched (Label Studio moves a task's `updated_at` when one of its annotations is
+created, updated or deleted) and merged into it by task id; tasks deleted in Label Studio leave the
+snapshot. A cheap id + `updated_at` listing finds all three. Each pull writes its own file, and
+`snapshots/latest.json` names the newest one.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
 from rmcore.contracts import LabelSnapshot
-from rmcore.watermark import is_after
-from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, pull_tasks
+from rmcore.watermark import is_after, parse_time
+from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, pull_tasks, task_versions
+
+LATEST = "latest.json"
 
 
-def pull_snapshot(project: str, root: Path, url: str | None = None) -> LabelSnapshot:
+def _write_atomic(path: Path, blob: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+
+
+def previous_snapshot(root: Path, project: str) -> dict[str, Any] | None:
+    """The newest snapshot of `project` under `root`, or None (first pull, or unreadable)."""
+    pointer = Path(root) / "snapshots" / LATEST
+    try:
+        snapshot = json.loads((Path(root) / "snapshots" / json.loads(pointer.read_text())["snapshot"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    return snapshot if snapshot.get("project") == project else None
+
+
+def pull_snapshot(project: str, root: Path, url: str | None = None, full: bool = False) -> LabelSnapshot:
+    """Pulls the project's labels into a snapshot: incrementally from the previous one unless
+    `full` (or there is none)."""
     ls = connect(url)
     project_id = ensure_project(ls, project)
-    snapshot = {"project": project, "label_config": label_config(ls, project_id), "tasks": pull_tasks(ls, project_id)}
+    previous = None if full else previous_snapshot(root, project)
+    if previous is None:
+        tasks, fetched, deleted = pull_tasks(ls, project_id), None, 0
+    else:
+        tasks, fetched, deleted = _merge_changes(ls, project_id, previous["tasks"])
+    snapshot = {"project": project, "label_config": label_config(ls, project_id), "tasks": tasks}
     blob = json.dumps(snapshot, sort_keys=True).encode()
-    path = Path(root) / "snapshots" / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(root) / "snapshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
     if not path.is_file():  # written whole or not at all: two runs pulling the same labels agree on its bytes
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snapshot-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    return LabelSnapshot(project=project, snapshot=str(path), tasks=len(snapshot["tasks"]),
-                         annotations=sum(len(t.get("annotations") or []) for t in snapshot["tasks"]))
+        _write_atomic(path, blob)
+    _write_atomic(folder / LATEST, json.dumps({"snapshot": path.name}).encode())
+    return LabelSnapshot(project=project, snapshot=str(path), tasks=len(tasks),
+                         annotations=sum(len(t.get("annotations") or []) for t in tasks),
+                         fetched=len(tasks) if fetched is None else fetched, deleted=deleted, incremental=previous is not None)
+
+
+def _merge_changes(ls: Any, project_id: int, old_tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+    """The previous tasks with changed and new ones replaced by their current version and deleted
+    ones dropped; returns (tasks, fetched, deleted)."""
+    old = {t["id"]: t for t in old_tasks}
+    versions = task_versions(ls, project_id)
+    changed = [i for i, stamp in versions.items() if i not in old or old[i].get("updated_at") != stamp]
+    merged = {i: old[i] for i in versions if i in old}
+    fetched = 0
+    if changed:
+        # the filter is strictly "after": start a microsecond before the oldest change
+        since = min(parse_time(versions[i]) for i in changed) - timedelta(microseconds=1)
+        for t in pull_tasks(ls, project_id, updated_after=since.isoformat()):
+            # a task created after the listing waits for the next pull; one deleted meanwhile keeps its
+            # previous version until then
+            if t["id"] in versions:
+                merged[t["id"]] = t
+                fetched += 1
+    return [merged[i] for i in sorted(merged)], fetched, len(set(old) - set(versions))
 
 
 collect_task = task(pull_snapshot, name="collect", retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
 
 
 def count_new_annotations(project: str, watermark: str | None, url: str | None = None) -> int:
-    """Submitted (not cancelled) annotations of the project updated after the watermark."""
+    """Submitted (not cancelled) annotations of the project updated after the watermark; only the
+    tasks updated after it are fetched."""
     ls = connect(url)
-    return sum(1 for t in pull_tasks(ls, ensure_project(ls, project)) for a in t.get("annotations") or []
+    tasks = pull_tasks(ls, ensure_project(ls, project), updated_after=watermark)
+    return sum(1 for t in tasks for a in t.get("annotations") or []
                if not a.get("was_cancelled") and is_after(a.get("updated_at") or a.get("created_at"), watermark))
 
 

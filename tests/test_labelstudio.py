@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,44 @@ def test_collect_counts_updates_cancels_and_quarantines(label_studio, tmp_path):
     rankings = [json.loads(line) for line in (out / third_collect["version"] / "rankings.jsonl").read_text().splitlines()]
     updated = next(r for r in rankings if r["meta"]["annotation_id"] == mine["id"])
     assert [b[0] for b in updated["order"]] == list(reversed(old))
+
+
+def test_incremental_collect_fetches_only_changes_and_equals_a_full_pull(label_studio, tmp_path):
+    """Creates, updates and deletes of annotations and a deleted task: the merged snapshot is byte
+    for byte the one a full pull writes (same content hash), and only changed tasks were fetched."""
+    from rmcore.synthetic import synthetic_items
+    from rmflow.infra import labelstudio as local
+    from rmflow.tasks.collect import count_new_annotations
+
+    project = "test-incremental"
+    ls = lst.connect()
+    project_id = lst.ensure_project(ls, project, 4)
+    items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(30, 4, seed=5)]
+    lst.import_tasks(ls, project_id, items)
+    ids = sorted(t.id for t in ls.tasks.list(project=project_id))
+    lst.simulate_annotators(project_id, 1, task_ids=ids[:10])
+    out = tmp_path / "labels"
+    first = pull_snapshot(project, out)
+    assert (first.incremental, first.fetched, first.annotations) == (False, 30, 10)
+    watermark = build_dataset(first, out, None).watermark
+    assert count_new_annotations(project, watermark) == 0
+
+    lst.simulate_annotators(project_id, 1, task_ids=ids[10:13])  # 3 new
+    annotator = lst.connect(token=local.create_user("sim-0@rmflow.local"))
+    task = ls.tasks.get(id=ids[0])
+    mine = task.annotations[0]
+    annotator.annotations.update(id=mine["id"], result=lst.ranker_result(list(reversed(mine["result"][0]["value"]["ranker"]["rank"]))))
+    ls.annotations.delete(id=ls.tasks.get(id=ids[1]).annotations[0]["id"])
+    ls.tasks.delete(id=ids[2])
+    assert count_new_annotations(project, watermark) == 4  # 3 created + 1 updated; a deletion is no annotation
+
+    second = pull_snapshot(project, out)
+    assert second.incremental and second.deleted == 1 and second.fetched == 5  # 3 new, 1 updated, 1 lost its annotation
+    assert (second.tasks, second.annotations) == (29, 11)
+    full = pull_snapshot(project, tmp_path / "full", full=True)
+    assert Path(second.snapshot).name == Path(full.snapshot).name  # same content
+    third = pull_snapshot(project, out)
+    assert third.fetched == 0 and third.snapshot == second.snapshot
 
 
 def test_label_studio_down_is_a_clear_error_after_bounded_retries():
