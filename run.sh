@@ -25,10 +25,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The browser tests drive Debian's chromium through chromium-driver (never a downloaded driver).
+ensure_browser() {
+  [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/chromium ] && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing chromium + chromium-driver (apt-get) for the browser tests" >&2
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "warning: could not install chromium; the browser tests will fail" >&2
+}
+
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   demo)   exec "$VENV/bin/rmflow" demo "$@" ;;
-  test)   "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)   ensure_browser; "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;
   bench)  exec "$VENV/bin/rmflow" bench "$@" ;;
   rmflow) exec "$VENV/bin/rmflow" "$@" ;;
   *) echo "usage: ./run.sh demo|test|bench|rmflow [args]" >&2; exit 2 ;;

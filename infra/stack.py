@@ -114,6 +114,8 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[s
         api = out["prefect"]["api_url"]
         out["receiver"] = receiver_up(api)
         settings = serve_settings(**serve)
+        if settings["changed"]:  # served with other settings: the deployments re-register with these
+            deployments_service().stop()
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
         out["deployments"] = deployments_up(api, settings["file"], settings["min_new_labels"], settings["interval_s"],
@@ -127,10 +129,15 @@ def serve_settings(params: dict[str, Any], min_new_labels: int = 20, interval_s:
     from rmflow.flows.pipeline import PipelineParams
 
     checked = PipelineParams.model_validate(params).model_dump(mode="json")
-    path = deployments_service().home / "params.json"
+    settings = {"params": checked, "min_new_labels": min_new_labels, "interval_s": interval_s, "window_s": window_s}
+    path = deployments_service().home / "settings.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(checked, indent=1))
-    return {"params": checked, "file": path, "min_new_labels": min_new_labels, "interval_s": interval_s, "window_s": window_s}
+    text = json.dumps(settings, indent=1, sort_keys=True)
+    changed = not path.is_file() or path.read_text() != text
+    path.write_text(text)
+    params_file = path.with_name("params.json")
+    params_file.write_text(json.dumps(checked, indent=1))
+    return {**settings, "file": params_file, "changed": changed}
 
 
 def register_webhook(project: str, receiver_url: str) -> dict[str, Any]:

@@ -278,22 +278,24 @@ def ls_reannotate(
 def collect(
     project: str = typer.Option(..., help="Label Studio project title."),
     out: Path = typer.Option(Path("out/labels"), help="Dataset root: versions are written to OUT/<version>/."),
+    full: bool = typer.Option(False, help="Pull every task instead of only those changed since the last snapshot."),
 ) -> None:
-    """Pull rankings from Label Studio into a versioned dataset; the watermark (OUT/watermark.json)
-    then advances, so a second call with nothing new reports 0 and writes no new version."""
+    """Pull rankings from Label Studio into a versioned dataset (only tasks changed since the last
+    snapshot are fetched); the watermark (OUT/watermark.json) then advances, so a second call with
+    nothing new reports 0 and writes no new version."""
     from rmcore.watermark import advance_watermark, read_watermark
     from rmflow.tasks.collect import pull_snapshot
     from rmflow.tasks.dataset import build_dataset
 
     try:
-        snapshot = pull_snapshot(project, out)
+        snapshot = pull_snapshot(project, out, full=full)
         labels = build_dataset(snapshot, out, read_watermark(out))
     except Exception as e:  # noqa: BLE001 — turned into one clear line below
         fail(_ls_failure(e))
     advance_watermark(out, labels.watermark)
     console.print(f"{labels.new_rankings} new rankings ({labels.total_rankings} in all, "
                   f"{labels.quarantined} quarantined) → {labels.dataset}")
-    emit({**labels.model_dump(), **snapshot.model_dump(include={"snapshot", "annotations"})})
+    emit({**labels.model_dump(), **snapshot.model_dump(include={"snapshot", "annotations", "fetched", "deleted", "incremental"})})
 
 
 def _pipeline_params(params_file: Optional[Path], project: str, model_name: str, workers: int) -> dict[str, Any]:
@@ -404,19 +406,28 @@ def receiver(
 
 @app.command()
 def demo(
-    prompts: int = typer.Option(60, help="Synthetic prompts labelled before the first training."),
-    more: int = typer.Option(30, help="Prompts labelled afterwards, to trigger the retrain."),
+    prompts: int = typer.Option(60, help="Synthetic prompts labelled first (they trigger the first training)."),
+    more: int = typer.Option(60, help="Prompts labelled afterwards (they trigger the gated retrain); at most --prompts."),
     workers: int = typer.Option(2, help="Ray Train workers."),
 ) -> None:
-    """End to end on a fresh machine: Label Studio + simulated annotators → Prefect pipeline →
-    Ray training → MLflow registry, gate and champion; then new labels trigger a gated retrain."""
+    """End to end on a fresh machine, as a user operates it: `rmflow up` (servers, webhook
+    receiver, deployments) → Label Studio + simulated annotators → webhook events → label trigger →
+    reward-pipeline deployment runs (Ray training, MLflow registry, gate, champion), twice. The
+    stack keeps running; `rmflow down` stops it."""
     from rmflow.flows.demo import run_demo
 
-    result = run_demo(prompts, more, workers=workers, say=lambda m: console.print(f"[bold cyan]demo[/] {m}"))
+    try:
+        result = run_demo(prompts, more, workers=workers, say=lambda m: console.print(f"[bold cyan]demo[/] {m}"))
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        fail(str(e))
     console.print(f"\n[bold]champion[/]: {result['model_uri']} (version {result['champion_version']})")
-    for name, url in result["urls"].items():
-        console.print(f"  {name:13} {url}")
-    console.print(f"  score it:     rmflow score --model {result['model_uri']} --prompt '...' --response '...'")
+    urls = result["urls"]
+    console.print(f"  Prefect UI     {urls['prefect']}/deployments  → reward-pipeline → Run → Custom run: pick a loss, backbone, workers")
+    console.print(f"  Label Studio   {urls['label_studio']}  (user {result['label_studio_user']}; password in RMFLOW_HOME/labelstudio/password)"
+                  " — new annotations start a retrain")
+    console.print(f"  MLflow         {urls['mlflow']}/#/models/{result['model_uri'].split('/')[1].split('@')[0]}")
+    console.print(f"  score it:      rmflow score --model {result['model_uri']} --prompt '...' --response '...'")
+    console.print("  stop it all:   rmflow down    (rmflow status shows what runs)")
     emit(result)
 
 
@@ -444,6 +455,14 @@ def bench_secrets(ctx: typer.Context) -> None:
 def bench_slices(ctx: typer.Context) -> None:
     """One reward model per preference-strength slice (Secrets of RLHF; see `python -m rmflow.bench.slices --help`)."""
     from rmflow.bench.slices import main as run
+
+    run(ctx.args)
+
+
+@bench_app.command("collect", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_collect(ctx: typer.Context) -> None:
+    """Full vs incremental collection on a 20,000-task Label Studio project (see `python -m rmflow.bench.collect --help`)."""
+    from rmflow.bench.collect import main as run
 
     run(ctx.args)
 
