@@ -2,7 +2,13 @@
 
 Each prompt group is encoded once: the prompt is tokenised once and every *unique* completion text
 becomes one sequence, so a K-wise group costs K sequences, not 2·C(K,2). Over-long inputs keep
-the response and lose the start of the prompt (truncated from the left); nothing is dropped.
+the response and lose the start of the prompt (truncated from the left; whole early turns first
+under a chat template); nothing is dropped.
+
+With a chat template (an instruct backbone), (prompt, response) is the conversation the template
+renders: the prompt's turns (conversations are stored in the hh-rlhf layout "\n\nHuman: …\n\n
+Assistant: …", which every rmflow converter writes) plus the response as the assistant's turn —
+the ids `tokenizer.apply_chat_template(messages)` gives, as TRL and RL trainers build them.
 
 Batches keep whole groups (a prompt's comparisons are never split) and are bucketed by length
 inside shuffled windows, which keeps padding low without giving up a random order.
@@ -10,6 +16,7 @@ inside shuffled windows, which keeps padding low without giving up a random orde
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from rmcore.losses import PairIndex
 
+TURN = re.compile(r"\n\n(Human|Assistant|System): ?")
+ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 BUCKET_WINDOW = 50  # batches per length-sorted window: large enough to bucket, small enough to stay random
 
 
@@ -51,11 +60,13 @@ class EncodedGroup:
 
 @dataclass
 class Encoder:
-    """Builds model inputs the tokenizer's way: [CLS] prompt [SEP] response [SEP] for encoders
-    with a separator, prompt + response + eos for decoders (last-token pooling lands on eos)."""
+    """Builds model inputs the tokenizer's way: the chat template's rendering when `chat`, else
+    [CLS] prompt [SEP] response [SEP] for encoders with a separator, prompt + response + eos for
+    decoders (last-token pooling lands on eos)."""
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int
+    chat: bool = False
     _template: tuple[list[int], list[int], list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,20 +110,83 @@ class Encoder:
             return []
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
+    def encode(self, prompts: list[str], responses: list[str]) -> list[tuple[list[int], bool]]:
+        """(input ids, truncated) for each (prompt, response)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self.chat:
+            return [self.encode_chat(p, r) for p, r in zip(prompts, responses)]
+        return [self.join(p, r) for p, r in zip(self.tokenize(list(prompts)), self.tokenize(list(responses)))]
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def encode_chat(self, prompt: str, response: str) -> tuple[list[int], bool]:
+        """The conversation's ids; when too long, whole early turns go first (a system message
+        stays; the kept part starts with a user turn); a last turn that alone overflows keeps its
+        end, where the reward is read."""
+        messages = to_messages(prompt)
+        answer = [{"role": "assistant", "content": response}]
+        ids = self.render(messages + answer)
+        cut = False
+        while len(ids) > self.max_length:
+            system = messages[:1] if messages and messages[0]["role"] == "system" else []
+            turns = messages[len(system):]
+            if len(turns) <= 1:
+                return ids[-self.max_length:], True
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns = turns[1:]
+            messages, cut = system + turns, True
+            ids = self.render(messages + answer)
+        return ids, cut
+
+    def encode_text(self, text: str) -> list[int]:
+        """A whole, already formatted query (prompt and response together, as OpenRLHF's remote
+        RM sends it): its ids as they are under a chat template (the text carries it), else
+        wrapped like a response with an empty prompt; the end is kept when too long."""
+        ids = self.tokenize([text])[0]
+        if not self.chat:
+            prefix, _, suffix = self._template
+            ids = prefix + ids[: max(0, self.max_length - len(prefix) - len(suffix))] + suffix
+        return ids[-self.max_length:]
+
+
+def to_messages(prompt: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: a conversation in the hh-rlhf layout split into its turns (the
+    trailing empty "Assistant:", the turn being answered, dropped); any other text is one user turn."""
+    parts = TURN.split(prompt)
+    if len(parts) < 3:
+        return [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    messages += [{"role": ROLES[role], "content": content} for role, content in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        messages.pop()
+    return messages or [{"role": "user", "content": ""}]
+
+
+def uses_chat_template(setting: str, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether (prompt, response) is encoded with the tokenizer's chat template."""
+    return setting == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
 
 def encode_groups(rows: list[dict[str, Any]], encoder: Encoder, default_smoothing: float = 0.0) -> list[EncodedGroup]:
     """Rows of the `groups` dataset → EncodedGroups. Optional per-pair columns `strengths` and
     `smoothing` come from the preference-strength ensemble."""
-    prompt_ids = encoder.tokenize([r["prompt"] for r in rows])
     uniq_per_row = [list(dict.fromkeys(r["completions"])) for r in rows]
-    flat = [t for u in uniq_per_row for t in u]
-    comp_ids = iter(encoder.tokenize(flat))
+    if encoder.chat:
+        encoded = iter(encoder.encode_chat(r["prompt"], t) for r, u in zip(rows, uniq_per_row) for t in u)
+    else:
+        prompt_ids = encoder.tokenize([r["prompt"] for r in rows])
+        comp_ids = iter(encoder.tokenize([t for u in uniq_per_row for t in u]))
+        encoded = iter(encoder.join(p, next(comp_ids)) for p, u in zip(prompt_ids, uniq_per_row) for _ in u)
     out = []
-    for n, (row, p_ids, uniq) in enumerate(zip(rows, prompt_ids, uniq_per_row)):
+    for n, (row, uniq) in enumerate(zip(rows, uniq_per_row)):
         seq_of_text = {t: k for k, t in enumerate(uniq)}
         seqs, trunc = [], []
         for _ in uniq:
-            ids, was_cut = encoder.join(p_ids, next(comp_ids))
+            ids, was_cut = next(encoded)
             seqs.append(ids)
             trunc.append(was_cut)
         to_seq = [seq_of_text[t] for t in row["completions"]]

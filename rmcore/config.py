@@ -80,6 +80,12 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
     )
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the backbone's tokenizer has a chat template, (prompt, response) is encoded "
+        "as the conversation it renders (prompt turns + an assistant turn), as TRL and every RL trainer format "
+        "their queries; early turns are truncated whole. off (or no template): [CLS] prompt [SEP] response [SEP] "
+        "for encoders, prompt + response + eos for decoders.",
+    )
 
 
 class OptimConfig(_Strict):

