@@ -13,9 +13,9 @@ from rmcore.config import RunConfig, StrengthConfig
 from rmcore.contracts import TrainedModel
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.evaluate import evaluate_rows
+from rmcore.model import write_reward_stats
 from rmcore.records import content_hash
 from rmcore.report import write_strength_report
-from rmcore.model import write_reward_stats
 from rmcore.scoring import RewardScorer, reward_stats
 from rmcore.strength import read_strengths, strategy_counts
 from rmflow.infra.ray_train import fit
