@@ -10,6 +10,7 @@ DEFAULT_RESPONSES = 4  # K: responses per Label Studio ranking task, when rmflow
 EXPERIMENT = "rmflow"  # MLflow experiment of every run rmflow logs
 CHAMPION, PREVIOUS = "champion", "previous"  # registry aliases: the promoted version and the one before
 MODEL_ARTIFACT = "reward_model"  # artifact path of the pyfunc in a run
+HF_ARTIFACT = "hf_model"  # artifact path of the Hugging Face export in a run
 REANNOTATE_FIELD = "rmflow_reannotate"  # task data field marking a pair sent back for re-annotation
 ANNOTATION_EVENT = "rmflow.annotation"  # Prefect events the webhook receiver emits: <this>.created|updated
 PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"  # <flow>/<deployment> that triggers start

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from rmcore.batching import Encoder, uses_chat_template
+from rmcore.inference import resolve_device, score_sequences
 from rmcore.model import META_FILE, RewardModel, read_meta
-from rmcore.train import resolve_device, score_sequences
 
 
 class RewardScorer:

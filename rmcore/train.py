@@ -9,7 +9,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, pad_chunks, plan_batches, uses_chat_template
+from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, plan_batches, uses_chat_template
 from rmcore.config import RunConfig
 from rmcore.dataset import load_groups, read_manifest
+from rmcore.inference import resolve_device, score_sequences
 from rmcore.losses import compute_loss
 from rmcore.metrics import evaluate_rewards, scalar_metrics
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
@@ -38,35 +38,10 @@ class WorkerContext:
     show_progress: bool = True
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def score_sequences(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, device: torch.device, max_tokens: int, dtype: str = "auto"
-) -> torch.Tensor:
-    """Rewards of `seqs` in their given order, run as length-sorted padded chunks."""
-    rewards = torch.empty(len(seqs), device=device)
-    parts = []
-    with autocast_for(device, dtype):
-        for members, ids, mask in pad_chunks(seqs, pad_id, max_tokens):
-            parts.append((members, model(ids.to(device), mask.to(device))))
-    positions = torch.tensor([i for members, _ in parts for i in members], device=device)
-    return rewards.index_put((positions,), torch.cat([r for _, r in parts]).float())
 
 
 @torch.no_grad()

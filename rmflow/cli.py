@@ -161,17 +161,62 @@ def score(
     model: str = typer.Option(..., help="models:/NAME@champion, models:/NAME/VERSION, runs:/… or a model folder."),
     prompt: list[str] = typer.Option(..., help="Prompt (repeat for a batch)."),
     response: list[str] = typer.Option(..., help="Response (repeat; one per --prompt)."),
+    normalize: bool = typer.Option(False, help="(r - mean) / std with the training completions' reward statistics."),
 ) -> None:
     """Score (prompt, response) pairs with a reward model."""
     from rmcore.scoring import load_scorer
 
     try:
-        rewards = load_scorer(model).score(prompt, response).tolist()
+        rewards = load_scorer(model).score(prompt, response, normalize=normalize).tolist()
     except EXPECTED as e:
         fail(str(e))
     for p, r, s in zip(prompt, response, rewards):
         console.print(f"{s:+.4f}  {p[:40]!r} → {r[:40]!r}")
     emit({"rewards": rewards, "model": model})
+
+
+@app.command()
+def export(
+    model: str = typer.Option(..., help="models:/NAME@champion, models:/NAME/VERSION, runs:/… or a model folder."),
+    out: Path = typer.Option(..., help="New folder for the Hugging Face model (AutoModelForSequenceClassification, num_labels=1)."),
+) -> None:
+    """Write a reward model as a standard Hugging Face checkpoint that TRL, OpenRLHF, vLLM and
+    RewardBench load; its config.json carries the reward mean/std (OpenRLHF's names)."""
+    from rmcore.export import export_hf
+    from rmcore.scoring import resolve_model_uri
+
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty; choose a new folder")
+    try:
+        written = export_hf(resolve_model_uri(model), out)
+    except EXPECTED as e:
+        fail(str(e))
+    console.print(f"[green]exported[/] {written['architecture']} → {out}")
+    emit({**written, "out": str(out), "model": model})
+
+
+@app.command("serve-rm")
+def serve_rm(
+    model: str = typer.Option(..., help="models:/NAME@champion (followed after promotions), models:/NAME/VERSION or a model folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback exposes it to your network."),
+    port: int = typer.Option(8000, help="Port."),
+    normalize: bool = typer.Option(False, help="Normalise rewards by default ((r - mean) / std over the training completions)."),
+    max_batch: int = typer.Option(64, help="Most texts scored in one batch."),
+    max_wait_ms: float = typer.Option(5.0, help="After a request arrives, wait this long for more to batch with it."),
+    refresh: float = typer.Option(10.0, help="Seconds between checks of the alias (a promotion is served within this)."),
+    max_chars: int = typer.Option(32000, help="Longest text accepted (longer: HTTP 413)."),
+) -> None:
+    """Online reward server for RL trainers: OpenRLHF's POST /get_reward {"query": [...]}, and
+    POST /score {"prompt": [...], "response": [...]}; dynamic batching; follows the alias. Set
+    RMFLOW_RM_TOKEN to require `Authorization: Bearer <token>`."""
+    from rmflow.infra.reward_server import serve as run
+
+    console.print(f"serving {model} on http://{host}:{port} (/get_reward, /score, /health)")
+    try:
+        run(model, host, port, os.environ.get("RMFLOW_RM_TOKEN") or None, normalize=normalize, max_batch=max_batch,
+            max_wait_ms=max_wait_ms, refresh_s=refresh, max_chars=max_chars)
+    except EXPECTED as e:
+        fail(str(e))
 
 
 def _ls_failure(e: Exception) -> str:

@@ -75,3 +75,9 @@ def test_no_import_circle():
     for mod in GRAPH:
         if mod not in state:
             visit(mod, [mod])
+
+
+def test_the_registered_model_code_needs_rmcore_only():
+    """The pyfunc's code file ships with rmcore (code_paths) and nothing else of the project, so
+    loading the champion never needs rmflow installed."""
+    assert {d.split(".")[0] for d in GRAPH["rmflow.tasks.reward_pyfunc"]} <= {"rmcore"}
