@@ -54,7 +54,9 @@ def prefect_env() -> dict[str, str]:
             "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api",
             # concurrency-slot leases on disk, not in memory: after a server restart a dead run's slot
             # still expires instead of staying taken for good (the pipeline takes one per model)
-            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+            # a (re)registered label-sensor schedule gets its runs within 15 s, not the default 60
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "15"}
 
 
 def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, str], health: str, timeout_s: float) -> dict[str, Any]:

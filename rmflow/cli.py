@@ -512,6 +512,14 @@ def bench_collect(ctx: typer.Context) -> None:
     run(ctx.args)
 
 
+@bench_app.command("serving", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_serving(ctx: typer.Context) -> None:
+    """rmflow serve-rm vs mlflow models serve, same model, 1/8/32 clients (see `python -m rmflow.bench.serving --help`)."""
+    from rmflow.bench.serving import main as run
+
+    run(ctx.args)
+
+
 def main() -> None:
     # no telemetry from Prefect's server or client: this machine has no internet and wants none
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

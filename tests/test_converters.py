@@ -297,3 +297,14 @@ def test_judgements_from_order_cover_pairs_and_ties():
     g = group_from_ranking(r)
     assert asdict(g)["blocks"] == [0, 1, 1, 2]
     assert not is_intransitive([Judgement("a", "b", "a"), Judgement("b", "c", "a")])
+
+
+def test_label_studio_dialogue_prompt_keeps_its_turns(tmp_path):
+    """A task whose prompt is a conversation (messages) keeps it as turns, which a chat-template
+    backbone renders as messages again."""
+    from rmcore.batching import to_messages
+
+    dialogue = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tea?"}]
+    result = convert_file("label-studio", write(tmp_path, "ls.json", [ls_task(1, ranker(["b", "a", "c"]),
+                                                                               data={"prompt": dialogue, "items": ITEMS})]))
+    assert to_messages(result.rankings[0].prompt) == dialogue

@@ -29,6 +29,8 @@ from rmcore.converters.common import (
     supersede_relabelled_pairs,
     validate_ranking,
 )
+from rmcore.converters.hh_rlhf import ASSISTANT
+from rmcore.converters.trl_format import render_messages
 from rmcore.names import REANNOTATE_FIELD
 from rmcore.records import Completion, Ranking, text_id
 from rmcore.watermark import parse_time
@@ -87,13 +89,16 @@ def _prompt_of(data: dict, cfg: LabelConfig) -> str:
     candidates = [cfg.prompt_field] if cfg.prompt_field else PROMPT_FIELDS
     for key in candidates:
         if key in data:
+            if isinstance(data[key], list):  # a dialogue as messages: kept as turns (the hh-rlhf layout)
+                return render_messages(data[key], f"data.{key}") + ASSISTANT
             return require_text(data[key], f"data.{key}")
     raise InvalidRecord(f"no prompt field in task data (looked for {', '.join(candidates)})")
 
 
 def _items_of(data: dict, cfg: LabelConfig) -> tuple[str, list[Completion]]:
     key = cfg.items_field or next(
-        (k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)),
+        # the first list of objects with ids (a dialogue prompt is a list of messages, not items)
+        (k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(i, dict) and "id" in i for i in v)),
         None,
     )
     if key is None or key not in data:
