@@ -183,8 +183,22 @@ def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = Non
     `updated_after` (filtered by the server). Plain iteration: the pager follows the pages."""
     query = updated_after_query(updated_after) if updated_after else None
     with api_errors():
-        tasks = [t.model_dump(mode="json") for t in ls.tasks.list(project=project_id, fields="all", query=query, page_size=500)]
+        tasks = [_stable(t.model_dump(mode="json")) for t in ls.tasks.list(project=project_id, fields="all", query=query, page_size=500)]
     return sorted(tasks, key=lambda t: t["id"])
+
+
+VOLATILE = ("created_ago",)  # "12 minutes": changes with the clock, not with the labels
+
+
+def _stable(task: dict[str, Any]) -> dict[str, Any]:
+    """The task without fields that change while its labels do not, so the same labels always
+    give the same snapshot bytes (and a merged snapshot equals a full pull)."""
+    for key in ("annotations", "predictions", "drafts"):
+        for item in task.get(key) or []:
+            if isinstance(item, dict):
+                for field in VOLATILE:
+                    item.pop(field, None)
+    return task
 
 
 def task_versions(ls: LabelStudio, project_id: int) -> dict[int, str]:

@@ -53,7 +53,7 @@ def fit(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
     prepare_out_dir(out_dir)
-    if cfg.scale.workers <= 1:
+    if cfg.scale.workers <= 1 and not cfg.scale.ray:
         ctx = WorkerContext(device=resolve_device(cfg.device))
         return train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
     return run_ray_training(cfg, data_dir, out_dir)
@@ -95,7 +95,7 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_dir": str(Path(data_dir).resolve()), "attempts": str(attempts)},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scale.workers,
+            num_workers=max(1, cfg.scale.workers),
             use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})},
         ),

@@ -108,7 +108,9 @@ class OptimConfig(_Strict):
 
 
 class ScaleConfig(_Strict):
-    workers: int = Field(1, ge=0, description="Ray Train workers. 0 or 1 trains in-process without Ray.")
+    workers: int = Field(1, ge=0, description="Ray Train workers. 0 or 1 trains in-process without Ray (unless `ray`).")
+    ray: bool = Field(False, description="Train through Ray Train even with one worker: `--workers 1 --gpu --ray` runs "
+                      "the nccl path, checkpoints and restarts on one GPU. More than one worker always uses Ray.")
     use_gpu: bool = Field(False, json_schema_extra={"cli": "gpu"}, description="One GPU per worker (nccl); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (leave the driver room).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")

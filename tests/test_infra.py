@@ -24,7 +24,8 @@ def test_compose_ports_and_environment_match_rmflow():
     assert "postgresql://" in services["mlflow"]["command"]
     # the same settings rmflow's managed servers get
     prefect_env = stack.prefect_env()
-    assert services["prefect"]["environment"]["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == prefect_env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"]
+    for key in ("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"):
+        assert services["prefect"]["environment"][key] == prefect_env[key]
     assert env["LABEL_STUDIO_SENTRY_DSN"] == labelstudio._env({"password": "", "token": ""})["LABEL_STUDIO_SENTRY_DSN"] == ""
 
 

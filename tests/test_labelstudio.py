@@ -101,6 +101,8 @@ def test_incremental_collect_fetches_only_changes_and_equals_a_full_pull(label_s
     assert (second.tasks, second.annotations) == (29, 11)
     full = pull_snapshot(project, tmp_path / "full", full=True)
     assert Path(second.snapshot).name == Path(full.snapshot).name  # same content
+    # nothing clock-dependent is kept ("created_ago": "12 minutes" would change the bytes by itself)
+    assert "created_ago" not in Path(full.snapshot).read_text()
     third = pull_snapshot(project, out)
     assert third.fetched == 0 and third.snapshot == second.snapshot
 

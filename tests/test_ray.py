@@ -52,6 +52,13 @@ def test_two_workers_match_one_worker_accuracy(ray_runtime, tiny_bert, synthetic
     assert (tmp_path / "two" / "rmflow_model.json").is_file()
 
 
+def test_one_worker_goes_through_ray_train_when_asked(ray_runtime, tiny_bert, synthetic_dataset, tmp_path):
+    """`--workers 1 --ray`: the path one GPU takes to exercise nccl, checkpoints and restarts."""
+    summary = fit(cfg_for(tiny_bert, 1, epochs=1, storage_path=str(tmp_path / "ray"), ray=True), synthetic_dataset, tmp_path / "one")
+    assert summary["workers"] == 1 and Path(summary["ray_run"]).parent == (tmp_path / "ray").resolve()
+    assert (tmp_path / "one" / "rmflow_model.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def slower_backbone(tmp_path_factory, tiny_bert) -> Path:
     """Wide enough that a run outlasts the moment the test kills a worker."""
