@@ -201,9 +201,14 @@ def _stable(task: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+def project_task_count(ls: LabelStudio, project_id: int) -> int:
+    with api_errors():
+        return ls.projects.get(id=project_id).task_number or 0
+
+
 def task_versions(ls: LabelStudio, project_id: int) -> dict[int, str]:
-    """Every task id of the project with its `updated_at`: a cheap listing (no data, no
-    annotations) that shows which tasks changed, appeared or were deleted since a snapshot."""
+    """Every task id of the project with its `updated_at` (no data, no annotations): which tasks
+    exist, for finding deleted ones."""
     with api_errors():
         return {t.id: t.model_dump(mode="json")["updated_at"]
                 for t in ls.tasks.list(project=project_id, fields="task_only", include="id,updated_at", page_size=5000)}

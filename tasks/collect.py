@@ -1,10 +1,10 @@
 """Stage 1, collect: a snapshot of a Label Studio project (every task with its annotations, and the
 label config) in a file named by its content hash, so the same labels give the same file.
 
-Incremental: after the first pull, only tasks whose `updated_at` changed since the previous
-snapshot are fetched (Label Studio moves a task's `updated_at` when one of its annotations is
-created, updated or deleted) and merged into it by task id; tasks deleted in Label Studio leave the
-snapshot. A cheap id + `updated_at` listing finds all three. Each pull writes its own file, and
+Incremental: after the first pull, only tasks updated since the previous snapshot are fetched
+(Label Studio moves a task's `updated_at` when one of its annotations is created, updated or
+deleted) and merged into it by task id; tasks deleted in Label Studio leave the snapshot (found
+through the project's task count, then its id listing). Each pull writes its own file, and
 `snapshots/latest.json` names the newest one.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from prefect import task
 
 from rmcore.contracts import LabelSnapshot
 from rmcore.watermark import is_after, parse_time
-from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, pull_tasks, task_versions
+from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, project_task_count, pull_tasks, task_versions
 
 LATEST = "latest.json"
 
@@ -68,22 +68,25 @@ def pull_snapshot(project: str, root: Path, url: str | None = None, full: bool =
 
 def _merge_changes(ls: Any, project_id: int, old_tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
     """The previous tasks with changed and new ones replaced by their current version and deleted
-    ones dropped; returns (tasks, fetched, deleted)."""
-    old = {t["id"]: t for t in old_tasks}
-    versions = task_versions(ls, project_id)
-    changed = [i for i, stamp in versions.items() if i not in old or old[i].get("updated_at") != stamp]
-    merged = {i: old[i] for i in versions if i in old}
-    fetched = 0
-    if changed:
-        # the filter is strictly "after": start a microsecond before the oldest change
-        since = min(parse_time(versions[i]) for i in changed) - timedelta(microseconds=1)
-        for t in pull_tasks(ls, project_id, updated_after=since.isoformat()):
-            # a task created after the listing waits for the next pull; one deleted meanwhile keeps its
-            # previous version until then
-            if t["id"] in versions:
-                merged[t["id"]] = t
-                fetched += 1
-    return [merged[i] for i in sorted(merged)], fetched, len(set(old) - set(versions))
+    ones dropped; returns (tasks, fetched, deleted).
+
+    Changed and new tasks are those updated after the newest `updated_at` of the previous snapshot
+    (the server filters). Deletions leave no trace there, so the project's task count decides:
+    every new task is among the fetched ones, so the merged count exceeds Label Studio's exactly when
+    tasks were deleted, and only then is the id listing read to find which."""
+    merged = {t["id"]: t for t in old_tasks}
+    newest = max((parse_time(t.get("updated_at")) for t in old_tasks if parse_time(t.get("updated_at"))), default=None)
+    # the filter is strictly "after": start a microsecond before the newest stamp already held
+    since = (newest - timedelta(microseconds=1)).isoformat() if newest else None
+    changed = pull_tasks(ls, project_id, updated_after=since)
+    for t in changed:
+        merged[t["id"]] = t
+    deleted = 0
+    if len(merged) != project_task_count(ls, project_id):
+        present = task_versions(ls, project_id)
+        deleted = len(set(merged) - set(present))
+        merged = {i: t for i, t in merged.items() if i in present}
+    return [merged[i] for i in sorted(merged)], len(changed), deleted
 
 
 collect_task = task(pull_snapshot, name="collect", retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
