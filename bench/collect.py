@@ -7,8 +7,9 @@ one process, each `--repeats` times (median):
 - poll, no change: what the label sensor does every interval. Before: every task with its
   annotations pulled and counted. After: only tasks updated since the watermark (server filter).
 - collect after `--new` new annotations: a snapshot. Before: every task pulled (`full=True`).
-  After: the id + updated_at listing, then only the changed tasks, merged into the previous
-  snapshot. Both snapshots must be byte-identical (same content hash), or the bench fails.
+  After: only the tasks updated since the previous snapshot (server filter), merged into it (the
+  id listing is read only when the task count shows deletions). Both snapshots must be
+  byte-identical (same content hash), or the bench fails.
 
 One JSON line per measurement, then one JSON object with the table.
 """
