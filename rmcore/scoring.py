@@ -33,11 +33,6 @@ class RewardScorer:
     def encode(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
         return [ids for ids, _ in self.encoder.encode(prompts, responses)]
 
-    def score_texts(self, texts: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
-        """Rewards of whole formatted queries (prompt + response in one text, OpenRLHF's form)."""
-        rewards = self.score_ids([self.encoder.encode_text(t) for t in texts], batch_size)
-        return self.normalize(rewards) if normalize else rewards
-
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:
         out = [score_sequences(self.model, seqs[i:i + batch_size], self.tokenizer.pad_token_id, self.device, 0).cpu().numpy()

@@ -480,44 +480,28 @@ bench_app = typer.Typer(help="Benchmarks that print numbers (JSON lines); ratios
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_train(ctx: typer.Context) -> None:
-    """rmflow vs TRL's RewardTrainer on the shared data (see `python -m rmflow.bench.train_vs_trl --help`)."""
-    from rmflow.bench.train_vs_trl import main as run
-
-    run(ctx.args)
-
-
-@bench_app.command("secrets", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_secrets(ctx: typer.Context) -> None:
-    """bt vs margin vs flip+margin vs soft+margin with an ensemble (see `python -m rmflow.bench.secrets --help`)."""
-    from rmflow.bench.secrets import main as run
-
-    run(ctx.args)
+# name → (module under rmflow.bench, help); each forwards its arguments to the module's own parser
+BENCHES = {
+    "train": ("train_vs_trl", "rmflow vs TRL's RewardTrainer on the shared data."),
+    "secrets": ("secrets", "bt vs margin vs flip+margin vs soft+margin with an ensemble."),
+    "slices": ("slices", "One reward model per preference-strength slice (Secrets of RLHF)."),
+    "collect": ("collect", "Full vs incremental collection on a 20,000-task Label Studio project."),
+    "serving": ("serving", "rmflow serve-rm vs mlflow models serve, same model, 1/8/32 clients."),
+}
 
 
-@bench_app.command("slices", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_slices(ctx: typer.Context) -> None:
-    """One reward model per preference-strength slice (Secrets of RLHF; see `python -m rmflow.bench.slices --help`)."""
-    from rmflow.bench.slices import main as run
+def _bench(module: str):
+    def run(ctx: typer.Context) -> None:
+        import importlib
 
-    run(ctx.args)
+        importlib.import_module(f"rmflow.bench.{module}").main(ctx.args)
 
-
-@bench_app.command("collect", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_collect(ctx: typer.Context) -> None:
-    """Full vs incremental collection on a 20,000-task Label Studio project (see `python -m rmflow.bench.collect --help`)."""
-    from rmflow.bench.collect import main as run
-
-    run(ctx.args)
+    return run
 
 
-@bench_app.command("serving", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_serving(ctx: typer.Context) -> None:
-    """rmflow serve-rm vs mlflow models serve, same model, 1/8/32 clients (see `python -m rmflow.bench.serving --help`)."""
-    from rmflow.bench.serving import main as run
-
-    run(ctx.args)
+for _name, (_module, _help) in BENCHES.items():
+    bench_app.command(_name, help=f"{_help} See `python -m rmflow.bench.{_module} --help`.",
+                      context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_bench(_module))
 
 
 def main() -> None:
