@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from rmcore.names import ANNOTATION_EVENT, project_resource
+from rmcore.names import ANNOTATION_EVENT, MIN_NEW_LABELS, SENSOR_INTERVAL_S, TRIGGER_WINDOW_S, project_resource
 from rmflow.flows.pipeline import PipelineParams, request_reannotation, reward_pipeline
 from rmflow.flows.sensor import label_sensor
 
@@ -36,8 +36,8 @@ def label_trigger(project: str, min_new_labels: int, window_s: int) -> Deploymen
         posture="Reactive", threshold=min_new_labels, within=timedelta(seconds=window_s))
 
 
-def deployments(params: PipelineParams, min_new_labels: int = 20, interval_s: int = 600,
-                window_s: int = 3600) -> list[RunnerDeployment]:
+def deployments(params: PipelineParams, min_new_labels: int = MIN_NEW_LABELS, interval_s: int = SENSOR_INTERVAL_S,
+                window_s: int = TRIGGER_WINDOW_S) -> list[RunnerDeployment]:
     defaults = {"params": params.model_dump(mode="json")}
     pipeline = reward_pipeline.to_deployment(
         name="reward-pipeline", parameters=defaults, tags=["rmflow"],
@@ -54,5 +54,6 @@ def deployments(params: PipelineParams, min_new_labels: int = 20, interval_s: in
     return [pipeline, sensor, reannotation]
 
 
-def serve_deployments(params: PipelineParams, min_new_labels: int = 20, interval_s: int = 600, window_s: int = 3600) -> None:
+def serve_deployments(params: PipelineParams, min_new_labels: int = MIN_NEW_LABELS, interval_s: int = SENSOR_INTERVAL_S,
+                      window_s: int = TRIGGER_WINDOW_S) -> None:
     serve(*deployments(params, min_new_labels, interval_s, window_s))

@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
-from rmcore.names import PIPELINE_DEPLOYMENT
+from rmcore.names import MIN_NEW_LABELS, PIPELINE_DEPLOYMENT
 from rmcore.watermark import read_watermark
 from rmflow.flows.pipeline import PipelineParams, data_root, reward_pipeline
 from rmflow.tasks.collect import count_task
@@ -30,7 +30,7 @@ def pipeline_runs_in_flight(deployment: str = PIPELINE_DEPLOYMENT) -> list[str]:
 
 
 @flow(name="label-sensor")
-def label_sensor(params: PipelineParams = PipelineParams(), min_new_labels: int = 20, use_deployment: bool = True) -> dict[str, Any]:
+def label_sensor(params: PipelineParams = PipelineParams(), min_new_labels: int = MIN_NEW_LABELS, use_deployment: bool = True) -> dict[str, Any]:
     """Starts the pipeline when ≥ `min_new_labels` annotations arrived since its watermark. On a
     served stack it starts a `reward-pipeline` deployment run, unless one is already scheduled or
     running (it will consume these labels); `use_deployment=False` runs it as a subflow (tests)."""

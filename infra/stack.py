@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rmcore.names import MIN_NEW_LABELS, SENSOR_INTERVAL_S, TRIGGER_WINDOW_S
 from rmcore.paths import mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
 from rmflow.infra import labelstudio
 from rmflow.infra.process import ManagedService, free_port, wait_healthy
@@ -125,8 +126,8 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[s
     return out
 
 
-def serve_settings(params: dict[str, Any], min_new_labels: int = 20, interval_s: int = 600, window_s: int = 3600,
-                   **_: Any) -> dict[str, Any]:
+def serve_settings(params: dict[str, Any], min_new_labels: int = MIN_NEW_LABELS, interval_s: int = SENSOR_INTERVAL_S,
+                   window_s: int = TRIGGER_WINDOW_S, **_: Any) -> dict[str, Any]:
     """Writes the deployments' default parameters where the serve process reads them."""
     from rmflow.flows.pipeline import PipelineParams
 

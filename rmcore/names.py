@@ -14,6 +14,9 @@ HF_ARTIFACT = "hf_model"  # artifact path of the Hugging Face export in a run
 REANNOTATE_FIELD = "rmflow_reannotate"  # task data field marking a pair sent back for re-annotation
 ANNOTATION_EVENT = "rmflow.annotation"  # Prefect events the webhook receiver emits: <this>.created|updated
 PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"  # <flow>/<deployment> that triggers start
+MIN_NEW_LABELS = 20  # annotations that start a retrain (event trigger and label sensor)
+SENSOR_INTERVAL_S = 600  # seconds between label-sensor polls
+TRIGGER_WINDOW_S = 3600  # the event trigger counts annotations within this window
 
 
 def project_resource(project_id: int | str) -> str:

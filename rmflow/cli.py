@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import datasets
 import typer
 from transformers.utils import logging as hf_logging
 
 from rmcore.config import GateConfig, RunConfig
-from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, DEFAULT_RESPONSES
+from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, DEFAULT_RESPONSES, MIN_NEW_LABELS, SENSOR_INTERVAL_S, TRIGGER_WINDOW_S
 from rmflow.options import parse_sets, with_config_options
 from rmflow.output import console, emit, fail
 
@@ -352,20 +352,28 @@ def _pipeline_params(params_file: Optional[Path], project: str, model_name: str,
     return {"project": project, "model_name": model_name, "run": {"scale": {"workers": workers}}}
 
 
-_PARAMS_HELP = "JSON/YAML file of the pipeline's default parameters (PipelineParams: project, model_name, run, gate, ...); overrides --project/--model-name/--workers."
+# the options `up` and `serve` share (serve is what `up` runs in the background)
+ParamsFile = Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON/YAML file of the pipeline's default "
+                       "parameters (PipelineParams: project, model_name, run, gate, ...); overrides --project/--model-name/--workers.")]
+MinNewLabels = Annotated[int, typer.Option(help="New annotations that start a retrain (event trigger and label sensor).")]
+Interval = Annotated[int, typer.Option(help="Seconds between label-sensor polls (0: no schedule).")]
+Window = Annotated[int, typer.Option(help="The event trigger counts annotations within this many seconds.")]
+Project = Annotated[str, typer.Option(help="Label Studio project the deployments train from.")]
+ModelName = Annotated[str, typer.Option(help="Registered model name.")]
+Workers = Annotated[int, typer.Option(help="Ray Train workers for each training.")]
 
 
 @app.command()
 def up(
     label_studio: bool = typer.Option(True, help="Also start Label Studio (off when LABEL_STUDIO_URL names yours)."),
     deployments: bool = typer.Option(True, help="Also serve the deployments and run the webhook receiver."),
-    project: str = typer.Option(DEFAULT_PROJECT, help="Label Studio project the deployments train from."),
-    model_name: str = typer.Option(DEFAULT_MODEL, help="Registered model name."),
-    workers: int = typer.Option(1, help="Ray Train workers for each training."),
-    params: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help=_PARAMS_HELP),
-    min_new_labels: int = typer.Option(20, help="New annotations that start a retrain (event trigger and label sensor)."),
-    interval: int = typer.Option(600, help="Seconds between label-sensor polls (0: no schedule)."),
-    window: int = typer.Option(3600, help="The event trigger counts annotations within this many seconds."),
+    project: Project = DEFAULT_PROJECT,
+    model_name: ModelName = DEFAULT_MODEL,
+    workers: Workers = 1,
+    params: ParamsFile = None,
+    min_new_labels: MinNewLabels = MIN_NEW_LABELS,
+    interval: Interval = SENSOR_INTERVAL_S,
+    window: Window = TRIGGER_WINDOW_S,
     webhook: bool = typer.Option(True, help="Register the project's Label Studio webhook to the receiver."),
     webhook_url: Optional[str] = typer.Option(None, help="The receiver's URL as Label Studio reaches it (a remote Label "
                                               "Studio cannot reach 127.0.0.1; put a proxy in front and give its URL)."),
@@ -414,13 +422,13 @@ def status() -> None:
 
 @app.command()
 def serve(
-    project: str = typer.Option(DEFAULT_PROJECT, help="Label Studio project to watch."),
-    model_name: str = typer.Option(DEFAULT_MODEL, help="Registered model name."),
-    workers: int = typer.Option(1, help="Ray Train workers for each training."),
-    params: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help=_PARAMS_HELP),
-    min_new_labels: int = typer.Option(20, help="New annotations that start a retrain (event trigger and label sensor)."),
-    interval: int = typer.Option(600, help="Seconds between label-sensor polls (0: no schedule)."),
-    window: int = typer.Option(3600, help="The event trigger counts annotations within this many seconds."),
+    project: Project = DEFAULT_PROJECT,
+    model_name: ModelName = DEFAULT_MODEL,
+    workers: Workers = 1,
+    params: ParamsFile = None,
+    min_new_labels: MinNewLabels = MIN_NEW_LABELS,
+    interval: Interval = SENSOR_INTERVAL_S,
+    window: Window = TRIGGER_WINDOW_S,
 ) -> None:
     """Register and serve the deployments on the Prefect server, in the foreground (`rmflow up`
     runs this in the background)."""
