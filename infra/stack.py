@@ -128,10 +128,9 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[s
 
 def serve_settings(params: dict[str, Any], min_new_labels: int = MIN_NEW_LABELS, interval_s: int = SENSOR_INTERVAL_S,
                    window_s: int = TRIGGER_WINDOW_S, **_: Any) -> dict[str, Any]:
-    """Writes the deployments' default parameters where the serve process reads them."""
-    from rmflow.flows.pipeline import PipelineParams
-
-    checked = PipelineParams.model_validate(params).model_dump(mode="json")
+    """Writes the deployments' default parameters (PipelineParams as JSON, validated by the caller)
+    where the serve process reads them."""
+    checked = dict(params)
     settings = {"params": checked, "min_new_labels": min_new_labels, "interval_s": interval_s, "window_s": window_s}
     path = deployments_service().home / "settings.json"
     path.parent.mkdir(parents=True, exist_ok=True)

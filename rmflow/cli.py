@@ -381,11 +381,18 @@ def up(
     """Start the local stack on 127.0.0.1 as background services: Prefect server, MLflow server,
     Label Studio, the webhook receiver and the served deployments (reward-pipeline with its label
     trigger, label-sensor, request-reannotation)."""
+    from pydantic import ValidationError
+
+    from rmflow.flows.pipeline import PipelineParams
     from rmflow.infra import stack
 
     serve = None
     if deployments:
-        serve = {"params": _pipeline_params(params, project, model_name, workers), "min_new_labels": min_new_labels,
+        try:
+            pipeline = PipelineParams.model_validate(_pipeline_params(params, project, model_name, workers)).model_dump(mode="json")
+        except ValidationError as e:
+            fail(f"invalid pipeline parameters: {e}")
+        serve = {"params": pipeline, "min_new_labels": min_new_labels,
                  "interval_s": interval, "window_s": window, "webhook": webhook, "webhook_url": webhook_url}
     label_studio = label_studio and not os.environ.get("LABEL_STUDIO_URL")
     try:
