@@ -83,6 +83,6 @@ def test_cli_train_reports_a_bad_dataset_clearly(tmp_path):
 
 
 def test_bf16_autocast_only_on_cuda():
-    from rmcore.train import autocast_for
+    from rmcore.inference import autocast_for
 
     assert not isinstance(autocast_for(torch.device("cpu"), "auto"), torch.autocast)
