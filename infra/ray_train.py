@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from rmcore.config import RunConfig, ScaleConfig
+from rmcore.inference import resolve_device
 from rmcore.model import META_FILE
 from rmcore.paths import rmflow_home
-from rmcore.train import WorkerContext, resolve_device, train_reward_model
+from rmcore.train import WorkerContext, train_reward_model
 
 STATE_FILE = "state.pt"
 

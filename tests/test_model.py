@@ -6,9 +6,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from rmcore.batching import Encoder, collate, encode_groups, plan_batches
 from rmcore.config import LossConfig, ModelConfig
+from rmcore.inference import score_sequences
 from rmcore.losses import compute_loss
 from rmcore.model import RewardModel, load_tokenizer, pool
-from rmcore.train import score_sequences
 
 
 @pytest.fixture(scope="module")
