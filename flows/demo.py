@@ -104,8 +104,9 @@ def _demo_steps(services: dict[str, Any], first: int, more: int, annotators: int
              for i in synthetic_items(done + first + more, K, seed=11)][done:]
     runs = []
     for n, (batch, seed) in enumerate(((items[:first], 1), (items[first:], 2))):
-        if n:  # the trigger's window must have closed: Prefect counts anew after it
-            time.sleep(max(0.0, WINDOW_S - (datetime.now(timezone.utc) - runs[-1]["labels_started"]).total_seconds()))
+        if n:  # after firing, Prefect ignores the rest of the window and pre-opens the next one, which a
+            # batch could straddle: start after both closed
+            time.sleep(max(0.0, 2 * WINDOW_S - (datetime.now(timezone.utc) - runs[-1]["labels_started"]).total_seconds()))
         say(f"{len(batch)} prompts × {K} responses go to Label Studio; {annotators} simulated annotators rank them …")
         labels_started, labelled = _label(project_id, batch, annotators, seed)
         run = wait_for_pipeline_run(labels_started, PROJECT, 900, say)

@@ -96,6 +96,9 @@ def _env(creds: dict[str, str]) -> dict[str, str]:
         # with every private range. Keep the guard and its list, minus loopback only.
         "USE_DEFAULT_BANNED_SUBNETS": "false",
         "USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_EXCEPT_LOOPBACK),
+        # webhooks are sent synchronously with a 1 s timeout by default: on a busy 2-core machine the
+        # receiver can miss that and the annotation event is lost (the sensor would catch it later)
+        "WEBHOOK_TIMEOUT": "10",
     }
 
 

@@ -84,10 +84,11 @@ def label(project: str, n: int, seed: int) -> datetime:
     from rmcore.synthetic import synthetic_items
     from rmflow.infra import labelstudio_api as lst
 
-    # Prefect's threshold trigger counts events in windows of WINDOW_S from the first one and, once it
-    # fired, ignores the rest of that window: a batch starts after the previous one's window closed
+    # Prefect's threshold trigger counts events in windows of WINDOW_S from the first one; once it
+    # fired it ignores the rest of that window and counts the next window in a bucket opened ahead,
+    # which a batch could straddle: a batch starts after both windows of the previous one closed
     if project in LAST_BATCH:
-        time.sleep(max(0.0, LAST_BATCH[project] + WINDOW_S + 1 - time.monotonic()))
+        time.sleep(max(0.0, LAST_BATCH[project] + 2 * WINDOW_S + 1 - time.monotonic()))
     LAST_BATCH[project] = time.monotonic()
     ls = lst.connect()
     project_id = lst.ensure_project(ls, project)
