@@ -206,12 +206,11 @@ def project_task_count(ls: LabelStudio, project_id: int) -> int:
         return ls.projects.get(id=project_id).task_number or 0
 
 
-def task_versions(ls: LabelStudio, project_id: int) -> dict[int, str]:
-    """Every task id of the project with its `updated_at` (no data, no annotations): which tasks
-    exist, for finding deleted ones."""
+def task_ids(ls: LabelStudio, project_id: int) -> set[int]:
+    """Every task id of the project (no data, no annotations): which tasks exist, for finding
+    deleted ones."""
     with api_errors():
-        return {t.id: t.model_dump(mode="json")["updated_at"]
-                for t in ls.tasks.list(project=project_id, fields="task_only", include="id,updated_at", page_size=5000)}
+        return {t.id for t in ls.tasks.list(project=project_id, fields="task_only", include="id", page_size=5000)}
 
 
 def label_config(ls: LabelStudio, project_id: int) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import hmac
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,7 +55,6 @@ class ModelHolder:
 
     uri: str
     current: Served | None = None
-    checked: float = 0.0
 
     def _resolve(self) -> tuple[str, str]:
         """(version label, URI of exactly that version)."""
@@ -68,15 +66,9 @@ class ModelHolder:
         version = str(configure_mlflow().get_model_version_by_alias(m["name"], m["alias"]).version)
         return version, f"models:/{m['name']}/{version}"
 
-    def load(self) -> Served:
-        version, exact = self._resolve()
-        self.current = Served(RewardScorer(resolve_model_uri(exact)), version)
-        self.checked = time.monotonic()
-        return self.current
-
     def refresh(self) -> bool:
-        """Loads the version the alias names now, if it moved; True when it swapped."""
-        self.checked = time.monotonic()
+        """Loads the version `uri` names now (the first time, or when the alias moved); True when
+        it loaded one."""
         version, exact = self._resolve()
         if self.current is not None and version == self.current.version:
             return False
@@ -241,7 +233,7 @@ def create_app(holder: ModelHolder, token: str | None = None, normalize: bool = 
     @asynccontextmanager
     async def lifespan(_: Starlette):
         if holder.current is None:
-            holder.load()
+            holder.refresh()
         tasks = [asyncio.create_task(batcher.run())]
         if ALIAS_URI.match(holder.uri):
             tasks.append(asyncio.create_task(batcher.follow_alias()))
@@ -257,5 +249,5 @@ def serve(uri: str, host: str, port: int, token: str | None = None, **options: A
     import uvicorn
 
     holder = ModelHolder(uri)
-    holder.load()  # fail before binding when the model cannot be loaded
+    holder.refresh()  # fail before binding when the model cannot be loaded
     uvicorn.run(create_app(holder, token, **options), host=host, port=port, log_level="warning")

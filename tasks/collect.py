@@ -20,8 +20,8 @@ from typing import Any
 from prefect import task
 
 from rmcore.contracts import LabelSnapshot
-from rmcore.watermark import is_after, parse_time
-from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, project_task_count, pull_tasks, task_versions
+from rmcore.watermark import is_after, latest, parse_time
+from rmflow.infra.labelstudio_api import connect, ensure_project, label_config, project_task_count, pull_tasks, task_ids
 
 LATEST = "latest.json"
 
@@ -75,16 +75,16 @@ def _merge_changes(ls: Any, project_id: int, old_tasks: list[dict[str, Any]]) ->
     every new task is among the fetched ones, so the merged count exceeds Label Studio's exactly when
     tasks were deleted, and only then is the id listing read to find which."""
     merged = {t["id"]: t for t in old_tasks}
-    newest = max((parse_time(t.get("updated_at")) for t in old_tasks if parse_time(t.get("updated_at"))), default=None)
+    newest = latest([t.get("updated_at") for t in old_tasks])
     # the filter is strictly "after": start a microsecond before the newest stamp already held
-    since = (newest - timedelta(microseconds=1)).isoformat() if newest else None
+    since = (parse_time(newest) - timedelta(microseconds=1)).isoformat() if newest else None
     changed = pull_tasks(ls, project_id, updated_after=since)
     for t in changed:
         merged[t["id"]] = t
     deleted = 0
     if len(merged) != project_task_count(ls, project_id):
-        present = task_versions(ls, project_id)
-        deleted = len(set(merged) - set(present))
+        present = task_ids(ls, project_id)
+        deleted = len(set(merged) - present)
         merged = {i: t for i, t in merged.items() if i in present}
     return [merged[i] for i in sorted(merged)], len(changed), deleted
 

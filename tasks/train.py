@@ -31,25 +31,26 @@ def train_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None = None) -> 
     out_dir = Path(out_dir) if out_dir else default_model_dir(data_dir, cfg)
     summary = fit(cfg, data_dir, out_dir)
     # the reward scale consumers normalise with (OpenRLHF's config mean/std, rmflow's normalize=True)
-    stats = reward_stats(RewardScorer(out_dir), load_groups(data_dir)["train"].to_list())
+    scorer = RewardScorer(out_dir)
+    stats = reward_stats(scorer, load_groups(data_dir)["train"].to_list())
     write_reward_stats(out_dir, stats["mean"], stats["std"], stats["n"])
     summary = {**summary, "reward_mean": stats["mean"], "reward_std": stats["std"]}
     report = None
     strengths = read_strengths(data_dir)
     if strengths is not None:
         report = out_dir.parent / f"{out_dir.name}-strength-report"
-        strength_report(data_dir, out_dir, report, strengths)
+        strength_report(data_dir, scorer, report, strengths)
     return TrainedModel(model_dir=str(out_dir), dataset=str(data_dir), run=cfg, summary=summary,
                         strength_report=str(report) if report else None)
 
 
-def strength_report(strength_dir: Path, model_dir: Path, out_dir: Path, strengths: dict) -> list[Path]:
+def strength_report(strength_dir: Path, scorer: RewardScorer, out_dir: Path, strengths: dict) -> list[Path]:
     """The strength report of a model trained on `strength_dir`, with its held-out accuracy per
     decile of the ensemble's strength."""
     cfg = StrengthConfig.model_validate(read_manifest(strength_dir)["derivation"]["strength"])
     groups = load_groups(strength_dir)
     heldout = groups["validation"].to_list() + groups["test"].to_list()
-    deciles = evaluate_rows(RewardScorer(model_dir), heldout).metrics.get("accuracy_by_strength_decile") if heldout else None
+    deciles = evaluate_rows(scorer, heldout).metrics.get("accuracy_by_strength_decile") if heldout else None
     return write_strength_report(Path(out_dir), strengths, strategy_counts(np.array(strengths["train"]["mean"]), cfg), cfg.strategy, deciles)
 
 
