@@ -299,3 +299,46 @@ def pad_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tupl
             mask[row, : len(seqs[i])] = 1
         out.append((members, ids, mask))
     return out
+
+
+def pack_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Padding-free forward chunks of (original positions, input_ids (R, W), position_ids (R, W),
+    each member's last token as a flat index into R·W).
+
+    Sequences are packed first-fit-decreasing into rows as long as the longest of them; position ids
+    restart at 0 for every sequence, from which transformers keeps attention inside each one
+    (a block-diagonal mask for SDPA, varlen for FlashAttention), so no token attends across a
+    boundary. Rows as long as the longest sequence (not one row of `max_tokens`) keep each mask's
+    quadratic cost to what that sequence alone costs. A row's unused tail is pad tokens with
+    positions of their own (a separate block nobody reads). Rows are then chunked like `pad_chunks`:
+    length-sorted, at most `max_tokens` tokens a forward (0 = one forward)."""
+    capacity = max(len(s) for s in seqs)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        free = next((r for r, left in enumerate(room) if len(seqs[i]) <= left), None)
+        if free is None:
+            rows.append([])
+            room.append(capacity)
+            free = len(rows) - 1
+        rows[free].append(i)
+        room[free] -= len(seqs[i])
+    out = []
+    for chunk in pad_chunks([[0] * (capacity - left) for left in room], pad_id, max_tokens):
+        row_ids = chunk[0]
+        width = chunk[1].shape[1]
+        ids = torch.full((len(row_ids), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(row_ids), width), dtype=torch.long)
+        members, last = [], []
+        for r, row in enumerate(row_ids):
+            at = 0
+            for i in rows[row]:
+                n = len(seqs[i])
+                ids[r, at:at + n] = torch.tensor(seqs[i])
+                positions[r, at:at + n] = torch.arange(n)
+                members.append(i)
+                last.append(r * width + at + n - 1)
+                at += n
+            positions[r, at:] = torch.arange(width - at)
+        out.append((members, ids, positions, torch.tensor(last)))
+    return out

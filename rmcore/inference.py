@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from rmcore.batching import pad_chunks
+from rmcore.batching import pack_chunks, pad_chunks
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -24,13 +24,19 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def score_sequences(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, device: torch.device, max_tokens: int, dtype: str = "auto"
+    model: nn.Module, seqs: list[list[int]], pad_id: int, device: torch.device, max_tokens: int, dtype: str = "auto",
+    packing: bool = False,
 ) -> torch.Tensor:
-    """Rewards of `seqs` in their given order, run as length-sorted padded chunks."""
+    """Rewards of `seqs` in their given order: length-sorted padded chunks, or packed rows
+    (`packing`; the model must support them, see `RewardModel.packing_unsupported`)."""
     rewards = torch.empty(len(seqs), device=device)
     parts = []
     with autocast_for(device, dtype):
-        for members, ids, mask in pad_chunks(seqs, pad_id, max_tokens):
-            parts.append((members, model(ids.to(device), mask.to(device))))
+        if packing:
+            for members, ids, positions, last in pack_chunks(seqs, pad_id, max_tokens):
+                parts.append((members, model(ids.to(device), None, positions.to(device), last.to(device))))
+        else:
+            for members, ids, mask in pad_chunks(seqs, pad_id, max_tokens):
+                parts.append((members, model(ids.to(device), mask.to(device))))
     positions = torch.tensor([i for members, _ in parts for i in members], device=device)
     return rewards.index_put((positions,), torch.cat([r for _, r in parts]).float())

@@ -117,7 +117,12 @@ class RewardModel(nn.Module):
             backbone = _with_lora(backbone, cfg, kind)
         return cls(backbone, head, cfg, source=cfg.backbone)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards of a padded batch (`attention_mask`), or of a packed row (`position_ids` restarting
+        at each sequence, `last` = each sequence's last token; see `batching.pack_chunks`)."""
+        if last is not None:
+            return self._forward_packed(input_ids, position_ids, last)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if _accepts_position_ids(self.backbone):
             # positions from the mask: a left-padded row gets the same positions as a right-padded one
@@ -126,6 +131,37 @@ class RewardModel(nn.Module):
             return self.backbone(**inputs).logits[:, 0].float()
         hidden = self.backbone(**inputs).last_hidden_state
         return self.head(pool(hidden, attention_mask, self.cfg.pooling)).squeeze(-1).float()
+
+    def _forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        if "flash" in str(getattr(self.backbone.config, "_attn_implementation", "")):
+            # FlashAttention's varlen path reads boundaries from the positions of one row
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+        # no attention mask and no cache: that is when transformers reads sequence boundaries off
+        # the restarting position ids
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if self.head is None:  # a decoder *ForSequenceClassification: its body, then its score layer per token
+            body = getattr(self.backbone, self.backbone.base_model_prefix)
+            hidden = body(**inputs).last_hidden_state
+            return self.backbone.score(hidden.flatten(0, 1)[last])[:, 0].float()
+        hidden = self.backbone(**inputs).last_hidden_state
+        return self.head(hidden.flatten(0, 1)[last]).squeeze(-1).float()
+
+    def packing_unsupported(self) -> str | None:
+        """Why this model cannot run packed rows, or None when it can: packing needs a decoder-only
+        backbone (causal attention, rotary or learned positions from `position_ids`), last-token
+        pooling, and no LoRA wrapper on a classification head."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        config = self.backbone.config
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            return f"{config.model_type} is not a decoder-only model (packing keeps causal attention inside each sequence)"
+        if not _accepts_position_ids(self.backbone):
+            return f"{config.model_type} takes no position_ids"
+        if self.head is not None and self.cfg.pooling != "last":
+            return f"pooling={self.cfg.pooling} (packing reads each sequence's last token)"
+        if self.head is None and (self.cfg.lora_r or not hasattr(self.backbone, "score")):
+            return "a classification head without a per-token `score` layer (or under LoRA)"
+        return None
 
     def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
         out = Path(out_dir)

@@ -45,16 +45,25 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def score_groups(model: nn.Module, groups: list[EncodedGroup], pad_id: int, device: torch.device, max_tokens: int) -> np.ndarray:
+def score_groups(model: nn.Module, groups: list[EncodedGroup], pad_id: int, device: torch.device, max_tokens: int,
+                 packing: bool = False) -> np.ndarray:
     """One reward per completion of `groups`, in order (eval mode; training mode is restored)."""
     was_training = model.training
     model.eval()
     rewards = []
     for start in range(0, len(groups), 64):
         seqs = [s for g in groups[start:start + 64] for s in g.seqs]
-        rewards.append(score_sequences(model, seqs, pad_id, device, max_tokens).cpu().numpy())
+        rewards.append(score_sequences(model, seqs, pad_id, device, max_tokens, packing=packing).cpu().numpy())
     model.train(was_training)
     return np.concatenate(rewards) if rewards else np.zeros(0)
+
+
+def resolve_packing(setting: str, model: RewardModel, device: torch.device) -> bool:
+    """`optim.packing` for this model on this device; `on` for a model that cannot pack is an error."""
+    reason = model.packing_unsupported()
+    if setting == "on" and reason:
+        raise ValueError(f"optim.packing=on: {reason}; use packing off or auto")
+    return reason is None and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 
 
 def split_rows(data_dir: Path, split: str) -> list[dict[str, Any]]:
@@ -111,9 +120,10 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     if not any(g.num_pairs for g in train_groups):
         raise ValueError(f"{data_dir}: the train split holds no strict preference pairs")
     model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id).to(ctx.device)
+    packing = resolve_packing(cfg.optim.packing, model, ctx.device)
     wrapped = ctx.prepare_model(model)
-    loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx)
-    summary = loop.run()
+    loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
+    summary = loop.run() | {"packing": packing}
     summary["dataset_version"] = read_manifest(data_dir)["version"]
     if out_dir is not None and ctx.rank == 0:
         model.save_pretrained(out_dir, tokenizer)
@@ -122,8 +132,8 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
 
 
 class _Loop:
-    def __init__(self, cfg, wrapped, model, train_groups, validation, pad_id, ctx: WorkerContext) -> None:
-        self.cfg, self.wrapped, self.model, self.ctx = cfg, wrapped, model, ctx
+    def __init__(self, cfg, wrapped, model, train_groups, validation, pad_id, ctx: WorkerContext, packing: bool) -> None:
+        self.cfg, self.wrapped, self.model, self.ctx, self.packing = cfg, wrapped, model, ctx, packing
         self.train_groups, self.pad_id = train_groups, pad_id
         self.val_rows, self.val_groups = validation
         micro_pairs = max(1, math.ceil(cfg.optim.pairs_per_step / (cfg.optim.grad_accum * ctx.world_size)))
@@ -176,7 +186,8 @@ class _Loop:
         for batch_groups, counts in self._micro_batches():
             batch = collate([self.train_groups[i] for i in batch_groups])
             index = batch.index.to(ctx.device)
-            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, cfg.optim.max_tokens_per_forward, cfg.model.dtype)
+            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, cfg.optim.max_tokens_per_forward,
+                                      cfg.model.dtype, self.packing)
             loss = compute_loss(rewards, index, cfg.loss) / cfg.optim.grad_accum
             (loss if counts else loss * 0.0).backward()
             if counts:
@@ -226,7 +237,8 @@ class _Loop:
             self.ctx.save_checkpoint(self.state(), metrics)
 
     def _evaluate(self) -> dict[str, Any]:
-        rewards = score_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward)
+        rewards = score_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward,
+                               self.packing)
         return scalar_metrics(evaluate_rewards(self.val_rows, rewards).metrics)
 
 

@@ -502,6 +502,7 @@ BENCHES = {
     "slices": ("slices", "One reward model per preference-strength slice (Secrets of RLHF)."),
     "collect": ("collect", "Full vs incremental collection on a 20,000-task Label Studio project."),
     "serving": ("serving", "rmflow serve-rm vs mlflow models serve, same model, 1/8/32 clients."),
+    "packing": ("packing", "Padded batch-of-8 vs length-bucketed vs packed, a random decoder on hh-rlhf lengths."),
 }
 
 
