@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rmcore.batching import Encoder, EncodedGroup, encode_groups
+from rmcore.batching import EncodedGroup, Encoder, encode_groups
 from rmcore.config import RunConfig
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
 from rmcore.train import split_rows, train_reward_model
