@@ -73,11 +73,32 @@ def init_ray(address: str | None) -> dict[str, Any]:
     # Slow 2-core machines take a while to start a worker group; Ray's default times out.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        _token_mode_if_token_at_hand()
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConnectionError(
+                f"cannot join the Ray cluster at {address} ({type(e).__name__}: {str(e)[:300]}). Is it running? If it uses "
+                "token authentication, its token must be in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or "
+                "~/.ray/auth_token (see infra/README.md)") from None
         return {"ray": "cluster", "ray_address": address}
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]}})
     return {"ray": "local"}
+
+
+def _token_mode_if_token_at_hand() -> None:
+    """Ray ≥ 2.52 clusters started with a token (`RAY_AUTH_MODE=token`, or by default when a token
+    exists) refuse clients that send none, and Ray turns the client side on by itself only for a
+    cluster it finds on its own, never for an explicit address. A team's driver has the token where
+    the cluster's nodes read it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): with
+    RAY_AUTH_MODE unset and a token there, token mode is turned on, as `ray start` does.
+    RAY_AUTH_MODE set (`disabled` included) is left as it is."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # Ray before token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: str | None = None) -> dict[str, Any]:
@@ -159,6 +180,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         summary["pairs_trained"] = _all_reduce([summary["pairs_trained"]], device)[0]
         summary["pairs_truncated"] = _all_reduce([summary["pairs_truncated"]], device)[0]
         summary["pairs_per_s"] = round(summary["pairs_trained"] / max(summary["train_s"], 1e-9), 3)
+        summary["worker_nodes"] = [None] * world  # the Ray node of each rank, to show where the work ran
+        torch.distributed.all_gather_object(summary["worker_nodes"], ray.get_runtime_context().get_node_id())
         checkpoint = None
         if rank == 0:
             (Path(tmp) / FINAL_METRICS).write_text(json.dumps(summary, default=float))
