@@ -27,6 +27,7 @@ import torch
 from rmcore.config import RunConfig, ScaleConfig
 from rmcore.inference import resolve_device
 from rmcore.model import META_FILE
+from rmcore.parallel import shard
 from rmcore.paths import rmflow_home
 from rmcore.train import WorkerContext, train_reward_model
 
@@ -54,7 +55,7 @@ def fit(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     if not (data_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
     prepare_out_dir(out_dir)
-    if cfg.scale.workers <= 1 and not cfg.scale.ray:
+    if not cfg.scale.on_ray_train:
         ctx = WorkerContext(device=resolve_device(cfg.device))
         return train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
     return run_ray_training(cfg, data_dir, out_dir)
@@ -165,10 +166,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         device=device,
-        prepare_model=ray.train.torch.prepare_model,
+        prepare_model=(lambda m: shard(m, device, cfg.model.dtype)) if cfg.scale.parallel_strategy == "fsdp" else ray.train.torch.prepare_model,
         save_checkpoint=save_checkpoint,
         report=lambda metrics: ray.train.report(metrics),
-        resume=_resume_state(ray.train.get_checkpoint(), rank, device),
+        # full tensors: on the CPU under fsdp (the whole model may not fit one device)
+        resume=_resume_state(ray.train.get_checkpoint(), rank, torch.device("cpu") if cfg.scale.parallel_strategy == "fsdp" else device),
         show_progress=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,11 +214,11 @@ def _resume_state(checkpoint, rank: int, device: torch.device) -> dict[str, Any]
 
 
 def fit_parallel(jobs: list[tuple[RunConfig, Path, Path]]) -> list[dict[str, Any]]:
-    """`fit` for several independent models: single-worker jobs as Ray tasks (`map_on_ray`);
-    multi-worker jobs one after another, each on Ray Train. Summaries come back in the jobs' order."""
+    """`fit` for several independent models: in-process jobs as Ray tasks (`map_on_ray`); jobs on
+    Ray Train (several workers, `ray`, fsdp) one after another. Summaries come back in the jobs' order."""
     if not jobs:
         return []
-    if any(cfg.scale.workers > 1 for cfg, _, _ in jobs):
+    if any(cfg.scale.on_ray_train for cfg, _, _ in jobs):
         return [fit(cfg, data, out) for cfg, data, out in jobs]
     return map_on_ray(fit, [(cfg, Path(data).resolve(), Path(out).resolve()) for cfg, data, out in jobs], jobs[0][0].scale)
 

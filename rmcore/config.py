@@ -118,6 +118,12 @@ class ScaleConfig(_Strict):
     workers: int = Field(1, ge=0, description="Ray Train workers. 0 or 1 trains in-process without Ray (unless `ray`).")
     ray: bool = Field(False, description="Train through Ray Train even with one worker: `--workers 1 --gpu --ray` runs "
                       "the nccl path, checkpoints and restarts on one GPU. More than one worker always uses Ray.")
+    parallel_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model (DistributedDataParallel). fsdp: parameters, "
+        "gradients and optimiser state sharded over the workers (FSDP2, one unit per transformer block), for "
+        "backbones that do not fit one device; always through Ray Train, one forward per micro-batch; checkpoints "
+        "and the saved model are full tensors, as with ddp. Not with LoRA.",
+    )
     use_gpu: bool = Field(False, json_schema_extra={"cli": "gpu"}, description="One GPU per worker (nccl); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (leave the driver room).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")
@@ -125,6 +131,11 @@ class ScaleConfig(_Strict):
     storage_path: str | None = Field(None, description="Ray Train storage; must be shared storage (NFS, S3) "
                                      "for multi-node runs. Default: under RMFLOW_HOME.")
     ray_address: str | None = Field(None, description="Existing Ray cluster; default RAY_ADDRESS or a local runtime.")
+
+    @property
+    def on_ray_train(self) -> bool:
+        """Whether a run trains on Ray Train's worker group rather than in-process."""
+        return self.workers > 1 or self.ray or self.parallel_strategy == "fsdp"
 
 
 class StrengthConfig(_Strict):
@@ -139,8 +150,8 @@ class StrengthConfig(_Strict):
     reannotate_std_quantile: float = Field(0.9, gt=0, le=1, description="Active labelling sends back pairs with "
                                            "negative mean strength or an ensemble std at or above this quantile.")
     parallel: bool = Field(True, description="Train the members as concurrent Ray tasks, as many at once as the "
-                           "cluster's CPUs (scale.cpus_per_worker each) or GPUs (scale.use_gpu) allow. Members with "
-                           "scale.workers > 1 train one after another, each on Ray Train.")
+                           "cluster's CPUs (scale.cpus_per_worker each) or GPUs (scale.use_gpu) allow. Members "
+                           "that train on Ray Train (scale.workers > 1, scale.ray, fsdp) go one after another.")
 
 
 class GateConfig(_Strict):
@@ -166,6 +177,9 @@ class RunConfig(_Strict):
     def _loss_options_fit(self) -> RunConfig:
         if self.loss.name == LossName.plackett_luce.value and self.loss.label_smoothing:
             raise ValueError("label_smoothing applies to pairwise losses, not plackett_luce")
+        if self.scale.parallel_strategy == "fsdp" and self.model.lora_r:
+            raise ValueError("scale.parallel_strategy=fsdp does not combine with LoRA (model.lora_r > 0): LoRA's trainable "
+                             "part is small enough for ddp")
         return self
 
     def flat_params(self) -> dict[str, Any]:

@@ -163,16 +163,20 @@ class RewardModel(nn.Module):
             return "a classification head without a per-token `score` layer (or under LoRA)"
         return None
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
+    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state_dict: dict | None = None) -> Path:
+        """Writes the layout above. `state_dict`: this model's full weights when the module holds
+        only shards of them (FSDP); the files are the same either way."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         backbone = self.backbone
         if self.cfg.lora_r:
             backbone = backbone.merge_and_unload()
-        backbone.save_pretrained(out / "backbone", safe_serialization=True)
+        part = (lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}) if state_dict else None
+        backbone.save_pretrained(out / "backbone", safe_serialization=True, state_dict=part("backbone.") if part else None)
         tokenizer.save_pretrained(out / "backbone")
         if self.head is not None:
-            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / "head.safetensors"))
+            head = part("head.") if part else self.head.state_dict()
+            save_file({k: v.contiguous() for k, v in head.items()}, str(out / "head.safetensors"))
         saved_cfg = self.cfg.model_copy(update={"lora_r": 0, "gradient_checkpointing": False})
         meta = {"format": 1, "kind": self.kind, "source": self.source, "model": saved_cfg.model_dump(),
                 "input_format": "chat_template" if uses_chat_template(saved_cfg.chat_template, tokenizer) else "pair"}

@@ -24,6 +24,7 @@ from rmcore.inference import resolve_device, score_sequences
 from rmcore.losses import compute_loss
 from rmcore.metrics import evaluate_rewards, scalar_metrics
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
+from rmcore.parallel import full_model_state, full_state, is_sharded, load_full_state
 
 
 @dataclass
@@ -125,8 +126,9 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
     summary = loop.run() | {"packing": packing}
     summary["dataset_version"] = read_manifest(data_dir)["version"]
+    full = full_model_state(model)  # every rank: a collective when sharded
     if out_dir is not None and ctx.rank == 0:
-        model.save_pretrained(out_dir, tokenizer)
+        model.save_pretrained(out_dir, tokenizer, state_dict=full)
         summary["model_dir"] = str(out_dir)
     return summary
 
@@ -137,6 +139,9 @@ class _Loop:
         self.train_groups, self.pad_id = train_groups, pad_id
         self.val_rows, self.val_groups = validation
         micro_pairs = max(1, math.ceil(cfg.optim.pairs_per_step / (cfg.optim.grad_accum * ctx.world_size)))
+        # sharded units gather their parameters in every forward: all ranks must run as many forwards
+        # per micro-batch, so one forward each (batches differ in length from rank to rank)
+        self.max_tokens = 0 if is_sharded(model) else cfg.optim.max_tokens_per_forward
         self.plan = ShardedPlan(train_groups, micro_pairs, cfg.optim.seed, ctx.rank, ctx.world_size)
         self.micro_per_epoch = len(self.plan.steps(0))
         self.total_micro = max(1, math.ceil(cfg.optim.epochs * self.micro_per_epoch))
@@ -150,17 +155,18 @@ class _Loop:
             self._restore(ctx.resume)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.opt, state["model"], state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.micro = self.resumed_from = state["micro"]
         self.trained = np.asarray(state["trained"], dtype=np.int64)
         torch.set_rng_state(state["rng"])
 
     def state(self) -> dict[str, Any]:
+        """The resumable state (every rank calls it: a collective when sharded; rank 0 holds the tensors)."""
+        model, optimizer = full_state(self.model, self.opt)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.sched.state_dict(),
             "micro": self.micro,
             "trained": self.trained.tolist(),
@@ -186,8 +192,7 @@ class _Loop:
         for batch_groups, counts in self._micro_batches():
             batch = collate([self.train_groups[i] for i in batch_groups])
             index = batch.index.to(ctx.device)
-            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, cfg.optim.max_tokens_per_forward,
-                                      cfg.model.dtype, self.packing)
+            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, self.max_tokens, cfg.model.dtype, self.packing)
             loss = compute_loss(rewards, index, cfg.loss) / cfg.optim.grad_accum
             (loss if counts else loss * 0.0).backward()
             if counts:

@@ -51,7 +51,7 @@ def train_member(cfg: RunConfig, data_dir: Path, model_dir: Path) -> tuple[dict[
 def train_members(cfg: RunConfig, data_dir: Path, work: Path) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     configs = [member_config(cfg, m) for m in range(cfg.strength.ensemble)]
     dirs = [work / f"member{m}" for m in range(len(configs))]
-    if not cfg.strength.parallel or cfg.scale.workers > 1:
+    if not cfg.strength.parallel or cfg.scale.on_ray_train:
         return [train_member(c, data_dir, d) for c, d in zip(configs, dirs)]
     return map_on_ray(train_member, [(c, data_dir.resolve(), d.resolve()) for c, d in zip(configs, dirs)], cfg.scale)
 

@@ -86,3 +86,12 @@ def test_bf16_autocast_only_on_cuda():
     from rmcore.inference import autocast_for
 
     assert not isinstance(autocast_for(torch.device("cpu"), "auto"), torch.autocast)
+
+
+def test_fsdp_is_refused_with_lora_and_always_trains_on_ray_train():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="parallel_strategy=fsdp does not combine with LoRA"):
+        RunConfig.model_validate({"model": {"lora_r": 8}, "scale": {"parallel_strategy": "fsdp"}})
+    assert RunConfig.model_validate({"scale": {"parallel_strategy": "fsdp", "workers": 1}}).scale.on_ray_train
+    assert not RunConfig.model_validate({"scale": {"workers": 1}}).scale.on_ray_train
