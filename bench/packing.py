@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         data = prepare("hh-rlhf", args.shared, Path(work), args.limit)
         backbone = Path(work) / "decoder"
-        params = random_decoder(args.size, backbone, "cpu")
+        params = random_decoder(args.size, backbone, args.device)
         cfg = RunConfig.model_validate({
             "model": {"backbone": str(backbone), "max_length": args.max_length, "head": "scalar", "dtype": "bfloat16"},
             "optim": {"pairs_per_step": args.pairs_per_step, "max_tokens_per_forward": args.max_tokens, "lr": 1e-5},

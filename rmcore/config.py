@@ -80,6 +80,11 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU."
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="The backbone's attention kernel for training (transformers' `attn_implementation`). auto: "
+        "transformers' choice (SDPA where supported). flash_attention_2 needs the flash-attn package and a GPU; packed "
+        "rows then run through its varlen path. Saved models record auto, so they load anywhere.",
+    )
     chat_template: Literal["auto", "off"] = Field(
         "auto", description="auto: when the backbone's tokenizer has a chat template, (prompt, response) is encoded "
         "as the conversation it renders (prompt turns + an assistant turn), as TRL and every RL trainer format "

@@ -98,13 +98,14 @@ class RewardModel(nn.Module):
     def from_backbone(cls, cfg: ModelConfig, pad_token_id: int | None = None) -> RewardModel:
         path = resolve_backbone(cfg.backbone)
         kind = _head_kind(cfg, path)
+        attn = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
         if kind == "seqcls":
-            backbone = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            backbone = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **attn)
             if backbone.config.pad_token_id is None:
                 backbone.config.pad_token_id = pad_token_id
             head = None
         else:
-            backbone = _frozen_pooler(AutoModel.from_pretrained(path))
+            backbone = _frozen_pooler(AutoModel.from_pretrained(path, **attn))
             hidden = backbone.config.get_text_config().hidden_size
             head = nn.Linear(hidden, 1)
             nn.init.normal_(head.weight, std=1 / (hidden + 1) ** 0.5)
@@ -177,7 +178,7 @@ class RewardModel(nn.Module):
         if self.head is not None:
             head = part("head.") if part else self.head.state_dict()
             save_file({k: v.contiguous() for k, v in head.items()}, str(out / "head.safetensors"))
-        saved_cfg = self.cfg.model_copy(update={"lora_r": 0, "gradient_checkpointing": False})
+        saved_cfg = self.cfg.model_copy(update={"lora_r": 0, "gradient_checkpointing": False, "attn_implementation": "auto"})
         meta = {"format": 1, "kind": self.kind, "source": self.source, "model": saved_cfg.model_dump(),
                 "input_format": "chat_template" if uses_chat_template(saved_cfg.chat_template, tokenizer) else "pair"}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -56,10 +56,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_qwen2", "tiny_qwen2_seqcls"])
+@pytest.mark.parametrize("backbone,attn", [("tiny_llama", "auto"), ("tiny_llama", "eager"), ("tiny_qwen2", "auto"),
+                                           ("tiny_qwen2_seqcls", "auto")])
 @pytest.mark.parametrize("budget", [0, 12])
-def test_packed_rewards_and_gradients_equal_padded(backbone, budget, request):
-    model = RewardModel.from_backbone(ModelConfig(backbone=str(request.getfixturevalue(backbone))), 0)
+def test_packed_rewards_and_gradients_equal_padded(backbone, attn, budget, request):
+    model = RewardModel.from_backbone(ModelConfig(backbone=str(request.getfixturevalue(backbone)), attn_implementation=attn), 0)
+    assert model.backbone.config._attn_implementation == ("sdpa" if attn == "auto" else attn)
     assert model.packing_unsupported() is None
     out = {}
     for packing in (False, True):

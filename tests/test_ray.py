@@ -1,7 +1,6 @@
 """Ray Train on a real local Ray runtime (no mocks): N workers, and recovery from a killed worker."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -15,6 +14,7 @@ from rmcore.config import RunConfig
 from rmcore.converters.common import ConversionResult
 from rmcore.dataset import write_preference_dataset
 from rmcore.synthetic import synthetic_items, synthetic_rankings
+from rmflow.bench.faults import kill_a_worker_after_first_checkpoint, ray_train_workers, wait_for_a_checkpoint
 from rmflow.infra.ray_train import fit, run_ray_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -73,51 +73,11 @@ def slower_backbone(tmp_path_factory, tiny_bert) -> Path:
     return path
 
 
-def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], deadline_s: float = 400) -> None:
-    """SIGKILLs one Ray Train worker of this run once the controller has registered a checkpoint:
-    it then lists it in the run's checkpoint-manager snapshot (a folder on disk alone may not be
-    registered yet when the machine is busy). Only workers of the Ray runtime this test process
-    started (its descendants) are candidates: other people's Ray processes are never touched."""
-    wait_for_a_checkpoint(run_dir, deadline_s)
-    for proc in ray_train_workers():
-        os.kill(proc.pid, signal.SIGKILL)
-        killed.append(proc.pid)
-        return
-
-
-def wait_for_a_checkpoint(run_dir: Path, deadline_s: float) -> None:
-    end = time.time() + deadline_s
-    while time.time() < end and not registered_checkpoints(run_dir):
-        time.sleep(0.1)
-
-
 def synthetic_data(path: Path, prompts: int, seed: int) -> Path:
     """A K=4 synthetic dataset of `prompts` prompts, one annotator."""
     rankings = synthetic_rankings(synthetic_items(prompts, k=4, seed=seed), annotators=1, seed=seed + 1)
     write_preference_dataset(ConversionResult(rankings=rankings), path, {"kind": "synthetic"})
     return path
-
-
-def ray_train_workers() -> list:
-    """Ray Train worker processes (titled `ray::RayTrainWorker...`) of the local Ray runtime this
-    process started: raylet is our child, the workers its children."""
-    import psutil
-
-    ours = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                ours.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return ours
-
-
-def registered_checkpoints(run_dir: Path) -> int:
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-        return 0
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
