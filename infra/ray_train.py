@@ -1,5 +1,6 @@
-"""Training one reward model: in-process for 0/1 workers, else Ray Train's TorchTrainer over the
-same rmcore loop. The train and strength stages both train through `fit`.
+"""Training one reward model: in-process for one worker, else Ray Train's TorchTrainer over the
+same rmcore loop (several workers, `scale.ray`, or fsdp: `ScaleConfig.on_ray_train`). The train and
+strength stages both train through `fit`.
 
 Ray notes that shaped this file:
 - Train V2 (default in Ray ≥ 2.50) rejects Tune callbacks; MLflow logging happens on the driver from

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -86,6 +87,12 @@ def test_bf16_autocast_only_on_cuda():
     from rmcore.inference import autocast_for
 
     assert not isinstance(autocast_for(torch.device("cpu"), "auto"), torch.autocast)
+    assert not isinstance(autocast_for(torch.device("cpu"), "bfloat16"), torch.autocast)
+    # the CUDA branch, read without entering it (bench/gpu_check.sh runs it for real)
+    with pytest.warns(UserWarning, match="CUDA is not available") if not torch.cuda.is_available() else nullcontext():
+        cuda = autocast_for(torch.device("cuda"), "auto")
+    assert isinstance(cuda, torch.autocast) and (cuda.device, cuda.fast_dtype) == ("cuda", torch.bfloat16)
+    assert not isinstance(autocast_for(torch.device("cuda"), "float32"), torch.autocast)
 
 
 def test_fsdp_is_refused_with_lora_and_always_trains_on_ray_train():
