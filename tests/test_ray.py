@@ -82,9 +82,9 @@ def synthetic_data(path: Path, prompts: int, seed: int) -> Path:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_runtime, slower_backbone, tmp_path, strategy):
-    data = synthetic_data(tmp_path / "ds", 400, seed=7)
+    data = synthetic_data(tmp_path / "ds", 240, seed=7)
     storage = tmp_path / "ray"
-    cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=4, max_failures=2, parallel_strategy=strategy)
+    cfg = cfg_for(slower_backbone, 2, storage_path=str(storage), checkpoint_every=2, max_failures=2, parallel_strategy=strategy)
     killed: list[int] = []
     watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(storage / "killtest", killed), daemon=True)
     watcher.start()
@@ -92,7 +92,7 @@ def test_killed_worker_resumes_from_checkpoint_and_trains_each_pair_once(ray_run
     watcher.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert summary["restarts"] >= 1
-    assert summary["resumed_from_step"] >= 4
+    assert summary["resumed_from_step"] >= 2
     assert all(c == 1 for c in summary["group_train_counts"]), "a prompt group was trained twice or never"
 
 
