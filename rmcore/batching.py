@@ -279,18 +279,23 @@ def collate(groups: list[EncodedGroup]) -> Batch:
     return Batch(seqs, index, len(cols["chosen"]))
 
 
-def pad_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Length-sorted forward chunks of (original positions, input_ids, attention_mask), each at
-    most `max_tokens` padded tokens (0 = one chunk). Sorting first keeps padding per chunk small."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+def length_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, length-sorted and cut so that each chunk padded to its longest is at
+    most `max_tokens` tokens (0 = one chunk)."""
     chunks: list[list[int]] = [[]]
-    for i in order:
-        width = len(seqs[i])  # the longest so far, since sorted
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        width = lengths[i]  # the longest so far, since sorted
         if max_tokens and chunks[-1] and (len(chunks[-1]) + 1) * width > max_tokens:
             chunks.append([])
         chunks[-1].append(i)
+    return chunks
+
+
+def pad_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Length-sorted forward chunks of (original positions, input_ids, attention_mask), each at
+    most `max_tokens` padded tokens (0 = one chunk). Sorting first keeps padding per chunk small."""
     out = []
-    for members in chunks:
+    for members in length_chunks([len(s) for s in seqs], max_tokens):
         width = max(len(seqs[i]) for i in members)
         ids = torch.full((len(members), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(members), width), dtype=torch.long)
@@ -310,7 +315,7 @@ def pack_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tup
     (a block-diagonal mask for SDPA, varlen for FlashAttention), so no token attends across a
     boundary. Rows as long as the longest sequence (not one row of `max_tokens`) keep each mask's
     quadratic cost to what that sequence alone costs. A row's unused tail is pad tokens with
-    positions of their own (a separate block nobody reads). Rows are then chunked like `pad_chunks`:
+    positions of their own (a separate block nobody reads). Rows are then chunked by `length_chunks`:
     length-sorted, at most `max_tokens` tokens a forward (0 = one forward)."""
     capacity = max(len(s) for s in seqs)
     rows: list[list[int]] = []
@@ -323,10 +328,10 @@ def pack_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tup
             free = len(rows) - 1
         rows[free].append(i)
         room[free] -= len(seqs[i])
+    fill = [capacity - left for left in room]
     out = []
-    for chunk in pad_chunks([[0] * (capacity - left) for left in room], pad_id, max_tokens):
-        row_ids = chunk[0]
-        width = chunk[1].shape[1]
+    for row_ids in length_chunks(fill, max_tokens):
+        width = max(fill[row] for row in row_ids)
         ids = torch.full((len(row_ids), width), pad_id, dtype=torch.long)
         positions = torch.zeros((len(row_ids), width), dtype=torch.long)
         members, last = [], []
