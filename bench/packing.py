@@ -5,8 +5,8 @@ real hh-rlhf lengths, the same run.
   16, batches in data order.
 - bucketed: rmflow's loop with `--packing off`: whole prompt groups, length-bucketed steps, forward
   chunks of at most `--max-tokens` padded tokens.
-- packed: rmflow's loop with `--packing on`: the same steps, sequences concatenated into rows of at
-  most `--max-tokens` tokens, no padding at all.
+- packed: rmflow's loop with `--packing on`: the same steps and forwards, shorter sequences moved into
+  the padding of other rows (see `rmcore.batching.pack_chunks`).
 
 The decoder is Qwen2-shaped with random weights (`--size`: tiny for CPU; 0.5b, 1.5b for a GPU) over
 the MiniLM tokenizer's ids. Reported per system: pairs/s, useful (non-pad) tokens/s, the padding

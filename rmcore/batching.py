@@ -310,40 +310,46 @@ def pack_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tup
     """Padding-free forward chunks of (original positions, input_ids (R, W), position_ids (R, W),
     each member's last token as a flat index into R·W).
 
-    Sequences are packed first-fit-decreasing into rows as long as the longest of them; position ids
-    restart at 0 for every sequence, from which transformers keeps attention inside each one
-    (a block-diagonal mask for SDPA, varlen for FlashAttention), so no token attends across a
-    boundary. Rows as long as the longest sequence (not one row of `max_tokens`) keep each mask's
-    quadratic cost to what that sequence alone costs. A row's unused tail is pad tokens with
-    positions of their own (a separate block nobody reads). Rows are then chunked by `length_chunks`:
-    length-sorted, at most `max_tokens` tokens a forward (0 = one forward)."""
-    capacity = max(len(s) for s in seqs)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        free = next((r for r, left in enumerate(room) if len(seqs[i]) <= left), None)
-        if free is None:
-            rows.append([])
-            room.append(capacity)
-            free = len(rows) - 1
-        rows[free].append(i)
-        room[free] -= len(seqs[i])
-    fill = [capacity - left for left in room]
+    Starts from `pad_chunks`' layout (length-sorted chunks of at most `max_tokens` tokens, one
+    sequence a row, each chunk as wide as its longest) and moves sequences, shortest first, into
+    the padding at the end of other rows (the smallest gap they fit), so their own rows are not
+    computed at all. Position ids restart at 0 for every sequence, from which transformers keeps
+    attention inside each one (a block-diagonal mask for SDPA, varlen for FlashAttention), so no
+    token attends across a boundary. Filling only padding that is computed anyway means a chunk
+    never gets wider: under SDPA's mask attention costs the square of the row's width whatever it
+    holds, and packing short sequences into new wide rows (first-fit-decreasing) made CPU training
+    slower than padding. A row's unfilled tail is pad tokens with positions of their own (a
+    separate block nobody reads). Never more tokens than `pad_chunks`, and never more forwards."""
+    lengths = [len(s) for s in seqs]
+    chunks = length_chunks(lengths, max_tokens)
+    width = {i: max(lengths[j] for j in chunk) for chunk in chunks for i in chunk}
+    rows = {i: [i] for i in range(len(seqs))}  # a row is named by the sequence it was made for
+    room = {i: width[i] - lengths[i] for i in rows}
+    for i in sorted(rows, key=lambda i: lengths[i]):
+        if len(rows[i]) > 1:  # it holds others already: moving it would move them too
+            continue
+        host = min((r for r in rows if r != i and room[r] >= lengths[i]), key=lambda r: room[r], default=None)
+        if host is not None:
+            rows[host].append(i)
+            room[host] -= lengths[i]
+            del rows[i], room[i]
     out = []
-    for row_ids in length_chunks(fill, max_tokens):
-        width = max(fill[row] for row in row_ids)
-        ids = torch.full((len(row_ids), width), pad_id, dtype=torch.long)
-        positions = torch.zeros((len(row_ids), width), dtype=torch.long)
+    for chunk in chunks:
+        kept = [r for r in chunk if r in rows]
+        if not kept:
+            continue
+        w = max(width[r] - room[r] for r in kept)
+        ids = torch.full((len(kept), w), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(kept), w), dtype=torch.long)
         members, last = [], []
-        for r, row in enumerate(row_ids):
+        for r, row in enumerate(kept):
             at = 0
             for i in rows[row]:
-                n = len(seqs[i])
-                ids[r, at:at + n] = torch.tensor(seqs[i])
-                positions[r, at:at + n] = torch.arange(n)
+                ids[r, at:at + lengths[i]] = torch.tensor(seqs[i])
+                positions[r, at:at + lengths[i]] = torch.arange(lengths[i])
                 members.append(i)
-                last.append(r * width + at + n - 1)
-                at += n
-            positions[r, at:] = torch.arange(width - at)
+                last.append(r * w + at + lengths[i] - 1)
+                at += lengths[i]
+            positions[r, at:] = torch.arange(w - at)
         out.append((members, ids, positions, torch.tensor(last)))
     return out

@@ -107,11 +107,11 @@ class OptimConfig(_Strict):
         "many padded tokens, which keeps padding low (0 = one forward per step).",
     )
     packing: Literal["auto", "on", "off"] = Field(
-        "auto", description="Padding-free packing: a forward's sequences are concatenated into rows of at most "
-        "max_tokens_per_forward tokens, attention kept inside each sequence (FlashAttention varlen when flash-attn "
-        "is installed, else a block-diagonal mask), each reward read at its own last token. Needs a decoder-only "
-        "backbone with last-token pooling. auto: on for such backbones on GPU; off on CPU, where the length-bucketed "
-        "padded forwards already waste little (bench/RESULTS.md).",
+        "auto", description="Packing: shorter sequences are moved into the padding of other rows of a forward "
+        "(several sequences a row, never more tokens than padding), attention kept inside each sequence "
+        "(FlashAttention varlen when flash-attn is installed, else a block-diagonal mask), each reward read at its "
+        "own last token. Needs a decoder-only backbone with last-token pooling. auto: on for such backbones on GPU; "
+        "off on CPU, where the length-bucketed padded forwards already waste little (bench/RESULTS.md).",
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2ForSequenceClassification
 
-from rmcore.batching import Encoder, collate, encode_groups, pack_chunks
+from rmcore.batching import Encoder, collate, encode_groups, pack_chunks, pad_chunks
 from rmcore.config import LossConfig, ModelConfig
 from rmcore.inference import score_sequences
 from rmcore.losses import compute_loss
@@ -37,19 +37,39 @@ def tiny_qwen2_seqcls(tmp_path_factory):
     return path
 
 
-def test_pack_chunks_fill_rows_first_fit_decreasing_and_restart_positions():
+def test_pack_chunks_fill_padding_and_restart_positions():
     (members, ids, positions, last), = pack_chunks(SEQS, 0, max_tokens=0)
-    # lengths 7 3 1 5 11 2 into rows of 11: [11], [7 3 1], [5 2] (+4 pad): 33 tokens for 29, not 6 x 11
+    # lengths 7 3 1 5 11 2, padded to 11 in one chunk: 1 and 2 go into 7's padding, 3 into 5's:
+    # rows [7 1 2], [5 3], [11]: 33 tokens for 29, not 6 x 11
     assert ids.shape == (3, 11) and sorted(members) == list(range(len(SEQS)))
-    assert sorted(tuple(sorted(len(SEQS[i]) for i in m)) for m in [[4], [0, 1, 2], [3, 5]]) == [(1, 3, 7), (2, 5), (11,)]
     flat_ids, flat_pos = ids.flatten(), positions.flatten()
+    rows = {}
     for i, at in zip(members, last.tolist()):
         n = len(SEQS[i])
         assert flat_ids[at - n + 1:at + 1].tolist() == SEQS[i]
         assert flat_pos[at - n + 1:at + 1].tolist() == list(range(n))  # positions restart per sequence
-    assert (ids == 0).sum() == 4 and ids.shape[0] * ids.shape[1] - sum(map(len, SEQS)) == 4
+        rows.setdefault(at // 11, []).append(n)
+    assert sorted(map(sorted, rows.values())) == [[1, 2, 7], [3, 5], [11]]
+    assert (ids == 0).sum() == 4
+    # under a 12-token budget the padded chunks are [1 2 3] x 3, [5], [7], [11]: 1 fills 2's padding
     chunks = pack_chunks(SEQS, 0, max_tokens=12)
-    assert all(c[1].numel() <= 12 for c in chunks) and len(chunks) == 3
+    assert [tuple(c[1].shape) for c in chunks] == [(2, 3), (1, 5), (1, 7), (1, 11)]
+
+
+@pytest.mark.parametrize("budget", [0, 64, 300])
+def test_packing_never_computes_more_than_padding(budget):
+    """Random lengths: every sequence exactly once, each chunk within the budget, and never more
+    tokens or forwards than the padded layout."""
+    import random
+
+    rng = random.Random(budget)
+    for _ in range(50):
+        seqs = [[1] * rng.randint(1, 60) for _ in range(rng.randint(1, 40))]
+        packed, padded = pack_chunks(seqs, 0, budget), pad_chunks(seqs, 0, budget)
+        assert sorted(i for c in packed for i in c[0]) == list(range(len(seqs)))
+        assert all(c[1].numel() <= budget or c[1].shape[0] == 1 for c in packed) if budget else len(packed) == 1
+        assert sum(c[1].numel() for c in packed) <= sum(c[1].numel() for c in padded)
+        assert len(packed) <= len(padded)
 
 
 def _grads(model):
