@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,14 +326,20 @@ def pack_chunks(seqs: list[list[int]], pad_id: int, max_tokens: int) -> list[tup
     width = {i: max(lengths[j] for j in chunk) for chunk in chunks for i in chunk}
     rows = {i: [i] for i in range(len(seqs))}  # a row is named by the sequence it was made for
     room = {i: width[i] - lengths[i] for i in rows}
+    gaps = sorted((room[r], r) for r in rows)  # best fit by bisection: a step may hold thousands of sequences
     for i in sorted(rows, key=lambda i: lengths[i]):
         if len(rows[i]) > 1:  # it holds others already: moving it would move them too
             continue
-        host = min((r for r in rows if r != i and room[r] >= lengths[i]), key=lambda r: room[r], default=None)
-        if host is not None:
-            rows[host].append(i)
-            room[host] -= lengths[i]
-            del rows[i], room[i]
+        del gaps[bisect_left(gaps, (room[i], i))]  # not into its own row
+        at = bisect_left(gaps, (lengths[i], -1))  # the smallest gap it fits
+        if at == len(gaps):
+            insort(gaps, (room[i], i))
+            continue
+        _, host = gaps.pop(at)
+        rows[host].append(i)
+        room[host] -= lengths[i]
+        insort(gaps, (room[host], host))
+        del rows[i], room[i]
     out = []
     for chunk in chunks:
         kept = [r for r in chunk if r in rows]
