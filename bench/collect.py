@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from rmcore.synthetic import synthetic_items
-from rmcore.watermark import latest
+from rmcore.watermark import Watermark, latest
 from rmflow.infra import labelstudio_api as lst
-from rmflow.tasks.collect import count_new_annotations, pull_snapshot
+from rmflow.tasks.collect import new_annotations, pull_snapshot
 
 
 def _timed(fn, repeats: int) -> tuple[float, Any]:
@@ -89,17 +89,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(work)
         base = pull_snapshot(args.project, root / "incremental", full=True)
         snapshot = json.loads(Path(base.snapshot).read_text())
-        watermark = latest([a.get("updated_at") for task in snapshot["tasks"] for a in task.get("annotations") or []])
+        watermark = Watermark(at=latest([a.get("updated_at") for task in snapshot["tasks"] for a in task.get("annotations") or []]))
         ls = lst.connect()
 
         def full_poll() -> int:  # the sensor before: every task and annotation, counted here
             from rmcore.watermark import is_after
 
             return sum(1 for task in lst.pull_tasks(ls, project_id) for a in task.get("annotations") or []
-                       if not a.get("was_cancelled") and is_after(a.get("updated_at"), watermark))
+                       if not a.get("was_cancelled") and is_after(a.get("updated_at"), watermark.at))
 
         before_s, before_n = _timed(full_poll, args.repeats)
-        after_s, after_n = _timed(lambda: count_new_annotations(args.project, watermark), args.repeats)
+        after_s, after_n = _timed(lambda: len(new_annotations(args.project, watermark)), args.repeats)
         assert before_n == after_n == 0, (before_n, after_n)
         rows.append({"measure": "poll, no change", "before_s": before_s, "after_s": after_s})
 

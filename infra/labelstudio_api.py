@@ -11,7 +11,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from rmcore.names import DEFAULT_RESPONSES, REANNOTATE_FIELD
 from rmcore.synthetic import annotator_order
+from rmcore.watermark import Watermark, annotation_stamp
 
 RANKER_NAME, LIST_NAME = "rank", "items"
 
@@ -161,30 +162,76 @@ def import_tasks(ls: LabelStudio, project_id: int, items: list[dict[str, Any]], 
 
 
 DM_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the one datetime format Label Studio's task filters parse (UTC)
+PAGE_SIZE = 500
 
 
-def updated_after_query(stamp: str) -> str:
-    """A Data Manager filter for tasks updated strictly after `stamp` (any ISO 8601). A task's
-    `updated_at` moves whenever one of its annotations is created, updated or deleted."""
+def task_query(updated_after: str | None = None, id_after: int | None = None) -> str:
+    """A Data Manager query, tasks ordered by id: those updated strictly after `updated_after` (any
+    ISO 8601; a task's `updated_at` moves whenever one of its annotations is created, updated or
+    deleted) and with an id above `id_after`."""
     from datetime import timezone
 
     from rmcore.watermark import parse_time
 
-    when = parse_time(stamp)
-    if when is None:
-        raise ValueError(f"not a timestamp: {stamp!r}")
-    value = when.astimezone(timezone.utc).strftime(DM_TIME)
-    return json.dumps({"filters": {"conjunction": "and", "items": [
-        {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": value}]}})
+    items = []
+    if updated_after is not None:
+        when = parse_time(updated_after)
+        if when is None:
+            raise ValueError(f"not a timestamp: {updated_after!r}")
+        items.append({"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
+                      "value": when.astimezone(timezone.utc).strftime(DM_TIME)})
+    if id_after is not None:
+        items.append({"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": id_after})
+    return json.dumps({"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]})
 
 
-def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = None) -> list[dict[str, Any]]:
+def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = None, page_size: int = PAGE_SIZE,
+               on_page: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Tasks with their annotations, sorted by id: every task, or only those updated after
-    `updated_after` (filtered by the server). Plain iteration: the pager follows the pages."""
-    query = updated_after_query(updated_after) if updated_after else None
+    `updated_after` (filtered by the server).
+
+    Paged by id, not by page number: each page asks for the tasks above the last id read, so a task
+    deleted (or created) while earlier pages are read shifts nothing and no task is skipped.
+    `on_page(n)` is called after the n-th page is read (progress; tests change the project there)."""
+    tasks: list[dict[str, Any]] = []
+    last_id, pages = None, 0
     with api_errors():
-        tasks = [_stable(t.model_dump(mode="json")) for t in ls.tasks.list(project=project_id, fields="all", query=query, page_size=500)]
-    return sorted(tasks, key=lambda t: t["id"])
+        while True:
+            page = ls.tasks.list(project=project_id, fields="all", query=task_query(updated_after, last_id), page=1,
+                                 page_size=page_size).items or []
+            tasks += [_stable(t.model_dump(mode="json")) for t in page]
+            pages += 1
+            if page:
+                last_id = max(t.id for t in page)
+            if on_page is not None:
+                on_page(pages)
+            if len(page) < page_size:
+                break
+    return sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"])
+
+
+def unconsumed_annotations(ls: LabelStudio, project_id: int, watermark: Watermark) -> dict[str, str | None]:
+    """The project's submitted (not cancelled) annotations that the watermark has not consumed, as
+    annotation id → `updated_at`; only tasks updated after the watermark are fetched."""
+    tasks = pull_tasks(ls, project_id, updated_after=watermark.at)
+    return {str(a["id"]): annotation_stamp(a) for t in tasks for a in t.get("annotations") or []
+            if isinstance(a, dict) and not a.get("was_cancelled") and watermark.is_new(a.get("id"), annotation_stamp(a))}
+
+
+def server_time(url: str | None = None) -> str:
+    """Now on Label Studio's clock (its HTTP Date header, whole seconds, rounded down), so a
+    collection cursor never depends on this machine's clock agreeing with the server's."""
+    from email.utils import parsedate_to_datetime
+
+    base = endpoint(url).rstrip("/")
+    try:
+        resp = httpx.get(f"{base}/health", timeout=10)
+    except (httpx.HTTPError, OSError) as e:
+        raise LabelStudioError(f"Label Studio at {base} is unreachable ({type(e).__name__})") from None
+    date = resp.headers.get("date")
+    if not date:
+        raise LabelStudioError(f"Label Studio at {base} sent no Date header; cannot read its clock")
+    return parsedate_to_datetime(date).isoformat()
 
 
 VOLATILE = ("created_ago",)  # "12 minutes": changes with the clock, not with the labels

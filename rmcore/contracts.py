@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from rmcore.config import RunConfig
+from rmcore.watermark import Watermark
 
 
 class LabelSnapshot(BaseModel):
@@ -21,6 +22,8 @@ class LabelSnapshot(BaseModel):
     fetched: int = Field(0, description="Tasks fetched from Label Studio by this pull (all of them on a full pull).")
     deleted: int = Field(0, description="Tasks of the previous snapshot that Label Studio no longer has.")
     incremental: bool = Field(False, description="Merged into the previous snapshot rather than pulled whole.")
+    cursor: str | None = Field(None, description="When the pull started on Label Studio's clock, less a look-back: everything "
+                               "updated before it is in the snapshot; the next pull re-reads from here.")
 
 
 class LabelDataset(BaseModel):
@@ -28,8 +31,8 @@ class LabelDataset(BaseModel):
 
     dataset: str | None = Field(description="Dataset version folder; None when no usable ranking exists yet.")
     version: str | None
-    watermark: str | None = Field(description="Newest annotation time in the snapshot (advance to it after success).")
-    previous_watermark: str | None
+    watermark: Watermark = Field(description="What the snapshot holds, as a watermark (advance to it after success).")
+    previous_watermark: Watermark
     new_rankings: int
     total_rankings: int
     quarantined: int

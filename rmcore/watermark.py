@@ -1,8 +1,15 @@
-"""The label watermark: the newest annotation time a successful pipeline run has consumed.
+"""The label watermark: which annotations a successful pipeline run has consumed.
 
-One store for every caller (CLI `rmflow collect`, the pipeline flow, the label sensor): a JSON
-file in the dataset root, written atomically. It only moves forward, and times are compared as
-datetimes (Label Studio writes ISO 8601 with varying precision and offsets).
+One store for every caller (CLI `rmflow collect`, the pipeline flow, the label sensor, the webhook
+receiver): a JSON file in the dataset root, written atomically, that only moves forward. Times are
+compared as datetimes (Label Studio writes ISO 8601 with varying precision and offsets).
+
+A watermark is a time and a set: `at` is when the consumed pull started, on Label Studio's clock,
+so every annotation updated before it was in that pull; `consumed` lists the annotations updated
+after `at` that the pull still caught (made while it was reading). An annotation is new when it was
+updated after `at` and is not in `consumed` with that same stamp. A single "newest stamp seen" would
+skip an annotation made on an early page while later pages were read (its stamp is older than one
+read afterwards), and a bare pull time would count the caught ones twice.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 WATERMARK_FILE = "watermark.json"
 
@@ -28,7 +37,7 @@ def parse_time(stamp: str | None) -> datetime | None:
 
 
 def is_after(stamp: str | None, watermark: str | None) -> bool:
-    """Whether an annotation time lies after the watermark (no watermark: everything is new)."""
+    """Whether an annotation time lies after the watermark time (no watermark: everything is new)."""
     if watermark is None:
         return True
     t = parse_time(stamp)
@@ -41,22 +50,48 @@ def latest(stamps: list[str | None]) -> str | None:
     return max(known, key=parse_time) if known else None
 
 
-def read_watermark(root: Path) -> str | None:
+def annotation_stamp(annotation: dict) -> str | None:
+    """When an annotation last changed (Label Studio's `updated_at`, else `created_at`)."""
+    return annotation.get("updated_at") or annotation.get("created_at")
+
+
+class Watermark(BaseModel):
+    """What a successful run consumed (see the module docstring)."""
+
+    at: str | None = Field(None, description="Every annotation updated before this time was consumed (None: nothing yet).")
+    consumed: dict[str, str] = Field(default_factory=dict, description="Annotation id → its `updated_at`, for annotations "
+                                     "updated after `at` that were consumed too.")
+
+    def is_new(self, annotation_id: object, stamp: str | None) -> bool:
+        if not is_after(stamp, self.at):
+            return False
+        seen = self.consumed.get(str(annotation_id))
+        return seen is None or parse_time(seen) != parse_time(stamp)
+
+    def later_than(self, other: Watermark) -> bool:
+        return other.at is None or (self.at is not None and parse_time(self.at) > parse_time(other.at))
+
+
+def read_watermark(root: Path) -> Watermark:
+    """The stored watermark (an empty one before the first successful run). A file written by an
+    older rmflow held only the newest stamp seen: it reads as `at` with nothing consumed after it."""
     path = Path(root) / WATERMARK_FILE
-    return json.loads(path.read_text())["watermark"] if path.is_file() else None
+    if not path.is_file():
+        return Watermark()
+    data = json.loads(path.read_text())
+    return Watermark(at=data.get("watermark"), consumed=data.get("consumed") or {})
 
 
-def advance_watermark(root: Path, watermark: str | None) -> str | None:
-    """Moves the watermark to `watermark` unless that is older than the stored one; returns the
-    stored value afterwards. Call it only after the run that consumed the labels succeeded."""
+def advance_watermark(root: Path, watermark: Watermark) -> Watermark:
+    """Stores `watermark` unless the stored one is later; returns the stored value afterwards. Call
+    it only after the run that consumed the labels succeeded."""
     current = read_watermark(root)
-    new = latest([current, watermark])
-    if new == current:
+    if not watermark.later_than(current):
         return current
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".watermark-")
     with os.fdopen(fd, "w") as f:
-        json.dump({"watermark": new}, f)
+        json.dump({"watermark": watermark.at, "consumed": watermark.consumed}, f, sort_keys=True)
     os.replace(tmp, root / WATERMARK_FILE)
-    return new
+    return watermark

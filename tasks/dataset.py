@@ -17,7 +17,7 @@ from rmcore.contracts import LabelDataset, LabelSnapshot
 from rmcore.converters.common import Quarantine
 from rmcore.converters.label_studio import LabelConfig, rankings_from_tasks
 from rmcore.dataset import write_preference_dataset
-from rmcore.watermark import is_after, latest
+from rmcore.watermark import Watermark, annotation_stamp, is_after, latest
 
 
 def agreement(rankings) -> dict[str, float]:
@@ -40,20 +40,21 @@ def agreement(rankings) -> dict[str, float]:
             "kendall_tau": sum(taus) / len(taus) if taus else float("nan"), "multi_annotated_tasks": len(agree)}
 
 
-def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: str | None) -> LabelDataset:
+def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: Watermark) -> LabelDataset:
     """Converts the snapshot into `root/<version>/` (reused when that version exists); staging is
-    per run, so concurrent runs never write into one folder."""
+    per run, so concurrent runs never write into one folder. Rankings the watermark has not
+    consumed are new."""
     data = json.loads(Path(snapshot.snapshot).read_text())
     source = f"label-studio:{data['project']}"
     q = Quarantine(source)
     tasks = [(f"task {t.get('id')}", t) for t in data["tasks"]]
     result = rankings_from_tasks(tasks, q, LabelConfig.from_xml(data["label_config"]), source)
     result.quarantined = q.records
-    new = [r for r in result.rankings if is_after(r.timestamp, watermark)]
-    # every annotation the snapshot holds counts toward the watermark, quarantined and cancelled
-    # ones too: they were seen, and must not count as new labels again at the next poll
-    seen = [a.get("updated_at") or a.get("created_at") for t in data["tasks"] if isinstance(t, dict)
-            for a in (t.get("annotations") or []) if isinstance(a, dict)]
+    new = [r for r in result.rankings if watermark.is_new(r.meta.get("annotation_id"), r.timestamp)]
+    # every annotation the snapshot holds is consumed, quarantined and cancelled ones too: they were
+    # seen, and must not count as new labels again at the next poll
+    seen = {str(a.get("id")): annotation_stamp(a) for t in data["tasks"] if isinstance(t, dict)
+            for a in (t.get("annotations") or []) if isinstance(a, dict)}
     version_dir = None
     if result.rankings:
         root = Path(root)
@@ -72,7 +73,7 @@ def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: str | None) ->
             shutil.rmtree(staging, ignore_errors=True)
     return LabelDataset(
         dataset=str(version_dir) if version_dir else None, version=version_dir.name if version_dir else None,
-        watermark=latest([*seen, watermark]), previous_watermark=watermark,
+        watermark=consumed_watermark(seen, snapshot.cursor), previous_watermark=watermark,
         new_rankings=len(new), total_rankings=len(result.rankings), quarantined=len(result.quarantined),
         cancelled=result.cancelled, superseded=result.superseded, relabelled=result.relabelled,
         unchanged_presented_order=sum(1 for r in result.rankings if r.presented_order
@@ -80,6 +81,13 @@ def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: str | None) ->
         quarantine_reasons=[asdict(x)["reason"] for x in result.quarantined][:20],
         **agreement(result.rankings),
     )
+
+
+def consumed_watermark(seen: dict[str, str | None], cursor: str | None) -> Watermark:
+    """The watermark of a snapshot: its pull's cursor, and the annotations it holds that were
+    updated after it. A snapshot without a cursor (an older rmflow's) ends at its newest stamp."""
+    at = cursor if cursor is not None else latest(list(seen.values()))
+    return Watermark(at=at, consumed={i: s for i, s in seen.items() if s is not None and is_after(s, at)})
 
 
 dataset_task = task(build_dataset, name="build-dataset")

@@ -59,7 +59,7 @@ def watermark(params) -> str | None:
     from rmcore.watermark import read_watermark
     from rmflow.flows.pipeline import data_root
 
-    return read_watermark(data_root(params))
+    return read_watermark(data_root(params)).at
 
 
 def registry_statuses(name: str) -> dict[str, str]:
@@ -240,7 +240,7 @@ def test_model_folder_deleted_between_training_and_registration(label_studio, pa
     trained = train_model(params.run, labels.dataset)
     shutil.rmtree(trained.model_dir)  # someone cleans up the folder before registration runs
     with pytest.raises(FileNotFoundError, match="model folder .* is missing"):
-        register_model(params.model_name, trained.model_dir, trained, labels.watermark, content_hash(params.run.model_dump(mode="json")))
+        register_model(params.model_name, trained.model_dir, trained, labels.watermark.at, content_hash(params.run.model_dump(mode="json")))
     assert registry_statuses(params.model_name) == {} and watermark(params) is None
 
     rerun = reward_pipeline(params)  # nothing was registered, so the rerun trains again
