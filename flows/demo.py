@@ -2,22 +2,24 @@
 
 `rmflow up` starts the stack and serves the deployments; synthetic prompts (whose gold reward is
 known) go to Label Studio, where simulated annotators — real Label Studio users — rank them through
-its API. Their annotations reach the webhook receiver, which emits Prefect events; the label trigger
-starts a `reward-pipeline` deployment run (train on Ray → register → gate → promote). A second batch
-of labels starts a second run, gated against the first champion. Everything stays running.
+its API. Their annotations reach the webhook receiver, which counts them against the watermark of the
+last successful run and, at the threshold, emits `rmflow.labels.ready`; the trigger on it starts a
+`reward-pipeline` deployment run (train on Ray → register → gate → promote). A second batch is
+labelled while the first run trains: it counts toward the next run, which starts when the first one
+lands and is gated against the first champion. Each run says which path started it. Everything
+stays running.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rmcore.names import CHAMPION, PIPELINE_DEPLOYMENT
 from rmflow.flows.pipeline import PipelineParams
 
 PROJECT, MODEL = "rmflow-demo", "rmflow-demo-reward"
-WINDOW_S = 90  # the trigger counts one batch of labels within this; a batch takes ~20 s to annotate
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
@@ -44,36 +46,57 @@ def pipeline_runs(since: datetime, project: str) -> list[Any]:
     return [r for r in runs if r.created >= since and (r.parameters.get("params") or {}).get("project", project) == project]
 
 
-def wait_for_pipeline_run(since: datetime, project: str, timeout_s: float, say: Callable[[str], None]) -> Any:
+def wait_for_pipeline_run(since: datetime, project: str, timeout_s: float, say: Callable[[str], None], done: bool = True,
+                          skip: tuple[Any, ...] = ()) -> Any:
     """The first pipeline run created after `since` that ran (not cancelled by the one-at-a-time
-    rule), once it has finished."""
+    rule) and is not in `skip`: once it started, or once it finished with `done`."""
+    from rmflow.infra.pipeline_runs import run_origin
+
     end = time.monotonic() + timeout_s
     announced = None
     while time.monotonic() < end:
-        ran = [r for r in pipeline_runs(since, project) if r.state_type.value != "CANCELLED"]
+        ran = [r for r in pipeline_runs(since, project) if r.state_type.value != "CANCELLED" and r.id not in skip]
         if ran:
             run = ran[0]
             if announced != run.id:
-                say(f"the label trigger started flow run {run.name!r} ({run.state_name})")
+                say(f"{run_origin(run)} started flow run {run.name!r} ({run.state_name})")
                 announced = run.id
-            if run.state_type.value in TERMINAL:
+            if run.state_type.value in TERMINAL or (not done and run.start_time is not None):
                 return run
         time.sleep(2)
-    raise TimeoutError(f"no reward-pipeline run for {project} finished within {timeout_s:.0f}s; see the Prefect UI and "
-                       "RMFLOW_HOME/deployments/deployments.log")
+    raise TimeoutError(f"no reward-pipeline run for {project} {'finished' if done else 'started'} within {timeout_s:.0f}s; see the "
+                       "Prefect UI and RMFLOW_HOME/deployments/deployments.log")
+
+
+def wait_past_collection(flow_run_id: Any, timeout_s: float) -> None:
+    """Until the run's collect task has finished (labels made later are not in its snapshot)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            run = client.read_flow_run(flow_run_id)
+        if any(t.name.startswith("collect") and t.state_type and t.state_type.value == "COMPLETED" for t in tasks) \
+                or run.state_type.value in TERMINAL:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish collecting within {timeout_s:.0f}s")
 
 
 def run_demo(first: int = 60, more: int = 60, annotators: int = 2, workers: int = 2,
              say: Callable[[str], None] = print) -> dict[str, Any]:
+    from rmcore.retrain import RetrainPolicy
     from rmflow.infra import stack
 
     if more > first:
         raise ValueError("the retrain batch (more) cannot be larger than the first batch (prompts)")
     threshold = more * annotators
     say("starting the stack (Prefect server, MLflow, Label Studio, webhook receiver, served deployments) …")
-    services = stack.up(True, serve={"params": demo_params(workers).model_dump(mode="json"), "min_new_labels": threshold,
-                                     "interval_s": 600, "window_s": WINDOW_S})
-    say(f"reward-pipeline starts when {threshold} annotations of {PROJECT} arrive within {WINDOW_S} s")
+    services = stack.up(True, serve={"params": demo_params(workers).model_dump(mode="json"),
+                                     "policy": RetrainPolicy(min_new_labels=threshold), "interval_s": 600})
+    say(f"reward-pipeline starts when {threshold} annotations of {PROJECT} are new since the last training")
     with stack.using_prefect(services["prefect"]["api_url"]):
         return _demo_steps(services, first, more, annotators, say)
 
@@ -96,30 +119,35 @@ def _demo_steps(services: dict[str, Any], first: int, more: int, annotators: int
     from rmflow.infra import labelstudio
     from rmflow.infra import labelstudio_api as lst
     from rmflow.infra.mlflow_client import alias_version, configure_mlflow
+    from rmflow.infra.pipeline_runs import run_origin
 
     ls = lst.connect(services["labelstudio"]["url"])
     project_id = lst.ensure_project(ls, PROJECT, K)
     done = len(list(ls.tasks.list(project=project_id)))  # a rerun labels prompts it has not used yet
     items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold}
              for i in synthetic_items(done + first + more, K, seed=11)][done:]
+    say(f"{first} prompts × {K} responses go to Label Studio; {annotators} simulated annotators rank them …")
+    since, labelled = _label(project_id, items[:first], annotators, seed=1)
+    started = [wait_for_pipeline_run(since, PROJECT, 300, say, done=False)]
+    wait_past_collection(started[0].id, 300)
+    # people keep labelling while the model trains: these count toward the next run, which starts
+    # once this one has landed (never beside it)
+    say(f"while it trains, {more} more prompts are ranked; they count toward the next run")
+    since2, labelled2 = _label(project_id, items[first:], annotators, seed=2)
     runs = []
-    for n, (batch, seed) in enumerate(((items[:first], 1), (items[first:], 2))):
-        if n:  # after firing, Prefect ignores the rest of the window and pre-opens the next one, which a
-            # batch could straddle: start after both closed
-            time.sleep(max(0.0, 2 * WINDOW_S - (datetime.now(timezone.utc) - runs[-1]["labels_started"]).total_seconds()))
-        say(f"{len(batch)} prompts × {K} responses go to Label Studio; {annotators} simulated annotators rank them …")
-        labels_started, labelled = _label(project_id, batch, annotators, seed)
-        run = wait_for_pipeline_run(labels_started, PROJECT, 900, say)
-        latency = (run.start_time - labelled).total_seconds() if run.start_time else None
+    for n, (run, at) in enumerate(((started[0], labelled), (None, labelled2))):
+        if run is None:
+            run = wait_for_pipeline_run(since2, PROJECT, 900, say, done=False, skip=tuple(r["id"] for r in runs))
+        run = wait_for_pipeline_run(run.created - timedelta(seconds=1), PROJECT, 900, say, skip=tuple(r["id"] for r in runs))
         client = configure_mlflow()
         champion = alias_version(client, MODEL, CHAMPION)
         say(f"flow run {run.name!r}: {run.state_name}; champion is now version {champion}")
         if run.state_type.value != "COMPLETED":
             raise RuntimeError(f"reward-pipeline run {run.name} ended {run.state_name}; see the Prefect UI")
-        runs.append({"flow_run": run.name, "state": run.state_name, "champion_version": champion,
-                     "annotations": len(batch) * annotators, "labels_started": labels_started,
-                     "trigger_to_start_s": latency})
+        runs.append({"id": run.id, "flow_run": run.name, "state": run.state_name, "champion_version": champion,
+                     "started_by": run_origin(run), "annotations": (first if n == 0 else more) * annotators,
+                     "label_to_start_s": round((run.start_time - at).total_seconds(), 1) if run.start_time else None})
     urls = {"prefect": services["prefect"]["url"], "mlflow": services["mlflow"]["url"], "label_studio": services["labelstudio"]["url"]}
     return {"champion_version": runs[-1]["champion_version"], "model_uri": f"models:/{MODEL}@champion",
-            "runs": [{k: v for k, v in r.items() if k != "labels_started"} for r in runs],
+            "runs": [{k: v for k, v in r.items() if k != "id"} for r in runs],
             "deployment": PIPELINE_DEPLOYMENT, "urls": urls, "label_studio_user": labelstudio.ADMIN}

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, field_validator
 from rmcore.config import GateConfig, RunConfig
 from rmcore.contracts import EvaluationResult, LabelDataset, PromotionResult
 from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, check_name
-from rmcore.paths import mlflow_tracking_uri, rmflow_home
+from rmcore.paths import dataset_root, mlflow_tracking_uri
 from rmcore.records import content_hash
 from rmcore.watermark import advance_watermark, read_watermark
 from rmflow.tasks.collect import collect_task
@@ -53,7 +53,7 @@ class PipelineParams(BaseModel):
 
 
 def data_root(params: PipelineParams) -> Path:
-    return Path(params.data_root) if params.data_root else rmflow_home() / "datasets" / params.project
+    return dataset_root(params.project, params.data_root)
 
 
 LEASE_S = 60  # the concurrency slot's lease; renewed while the run lives
@@ -91,6 +91,8 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
     watermark = read_watermark(root)
     snapshot = collect_task(params.project, root)
     labels = dataset_task(snapshot, root, watermark)
+    create_table_artifact([{"what": k, "value": str(v)} for k, v in _labels_summary(labels).items()], key="labels",
+                          description=f"labels of {params.project} in this run (dataset {labels.version})")
     if labels.dataset is None:
         raise ValueError(f"project {params.project!r} has no usable rankings yet")
     config_hash = content_hash(params.run.model_dump(mode="json"))
@@ -109,7 +111,7 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
             strength = strength_task(run, data, track=True)
             run, data = strength.run, strength.dataset  # what MLflow logs is what was trained
         trained = train_task(run, data)
-        registered = register_task(params.model_name, trained.model_dir, trained, labels.watermark, config_hash)
+        registered = register_task(params.model_name, trained.model_dir, trained, labels.watermark.at, config_hash)
         eval_data = trained.dataset  # a strength version has the same held-out labels, plus strengths for the report
     else:
         logger.info("version %s of %s was registered but never gated: evaluating and gating it now", registered.version, params.model_name)
@@ -154,4 +156,4 @@ def request_reannotation(project: str, strength_dataset: str, max_tasks: int = 5
 
 
 def _labels_summary(labels: LabelDataset) -> dict[str, Any]:
-    return labels.model_dump(include={"new_rankings", "total_rankings", "quarantined", "watermark"})
+    return {**labels.model_dump(include={"new_rankings", "total_rankings", "quarantined"}), "watermark": labels.watermark.at}

@@ -1,73 +1,243 @@
-"""Label Studio webhooks → Prefect events: the small receiver `rmflow up` runs for event-driven
-retraining.
+"""Label Studio webhooks → the retrain decision → one Prefect event: the receiver `rmflow up` runs
+for event-driven retraining.
 
 Label Studio POSTs each annotation created or updated to `/labelstudio` with the shared secret in
-its Authorization header (the webhook rmflow registers carries it); the receiver answers at once and
-emits one Prefect event per submitted annotation (`rmflow.annotation.created|updated`, resource
-`rmflow.labelstudio.project.<id>` named by the project title). A deployment trigger on
-`reward-pipeline` counts them (`flows/deploy.py`). Skipped (cancelled) annotations emit nothing.
+its Authorization header (the webhook rmflow registers carries it). For each watched project the
+receiver keeps, durably, the annotations its watermark has not consumed (`rmcore.watermark`): the
+count is recomputed from Label Studio when the receiver starts and whenever the watermark moves (a
+run succeeded), and webhooks add to it in between, so a restart or a lost webhook forgets nothing
+and an annotation updated twice counts once. When the project's rule (`rmcore.retrain`) says so, it
+emits one `rmflow.labels.ready` event; the deployment trigger on `reward-pipeline` (threshold 1,
+`flows/deploy.py`) turns it into a run, visible with its cause in the Prefect UI. A tick every
+TICK_S seconds re-applies the rule, so labels that arrived during a run start the next one when
+that run's watermark lands, and the interval and max-wait settings take effect without a new label.
+Skipped (cancelled) annotations count for nothing.
 
 Bound to 127.0.0.1 unless told otherwise; the secret comes from RMFLOW_WEBHOOK_SECRET or a file
 under RMFLOW_HOME readable by its owner only, and is never logged.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import json
+import logging
 import os
 import secrets
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rmcore.names import ANNOTATION_EVENT, project_resource
+from rmcore.names import LABELS_READY_EVENT, PIPELINE_DEPLOYMENT, project_resource
 from rmcore.paths import rmflow_home
+from rmcore.retrain import RetrainPolicy, retrain_reason
+from rmcore.watermark import Watermark, annotation_stamp, read_watermark
 
 HOOK_PATH = "/labelstudio"
-# Label Studio action → event suffix; ANNOTATIONS_CREATED is a bulk import with annotations
-ACTIONS = {"ANNOTATION_CREATED": "created", "ANNOTATIONS_CREATED": "created", "ANNOTATION_UPDATED": "updated"}
+# Label Studio actions that add labels; ANNOTATIONS_CREATED is a bulk import with annotations
+ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
+TICK_S = 5.0
+log = logging.getLogger("rmflow.receiver")
 
 
 def receiver_home() -> Path:
     return rmflow_home() / "receiver"
 
 
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.chmod(tmp, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def webhook_secret() -> str:
-    """RMFLOW_WEBHOOK_SECRET, else one generated once and kept in a mode-600 file."""
-    if os.environ.get("RMFLOW_WEBHOOK_SECRET"):
-        return os.environ["RMFLOW_WEBHOOK_SECRET"]
-    path = receiver_home() / "secret"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    """RMFLOW_WEBHOOK_SECRET, else one generated once and kept in a mode-600 file (written whole
+    or not at all). An empty secret is refused: an empty bearer must never be accepted."""
+    secret = os.environ.get("RMFLOW_WEBHOOK_SECRET")
+    if secret is None:
+        path = receiver_home() / "secret"
+        if not path.is_file() or not path.read_text().strip():
+            _write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
+        secret = path.read_text()
+    if not secret.strip():
+        raise ValueError("the webhook secret is empty (RMFLOW_WEBHOOK_SECRET); set a non-empty one")
+    return secret.strip()
 
 
-def events_for(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Prefect events (as emit_event keyword arguments) for one webhook body."""
-    suffix = ACTIONS.get(body.get("action"))
+class ProjectWatch(BaseModel):
+    """One project the receiver counts labels for (written by `rmflow up`)."""
+
+    project: str = Field(description="Label Studio project title.")
+    data_root: str = Field(description="The pipeline's dataset root, where its watermark lives.")
+    policy: RetrainPolicy = Field(default_factory=RetrainPolicy)
+    deployment: str = PIPELINE_DEPLOYMENT
+
+
+def watches_file() -> Path:
+    return receiver_home() / "projects.json"
+
+
+def write_watches(watches: list[ProjectWatch]) -> None:
+    _write_atomic(watches_file(), json.dumps([w.model_dump(mode="json") for w in watches], indent=1, sort_keys=True))
+
+
+def read_watches() -> dict[str, ProjectWatch]:
+    try:
+        return {w["project"]: ProjectWatch.model_validate(w) for w in json.loads(watches_file().read_text())}
+    except (OSError, ValueError) as e:
+        if watches_file().exists():
+            log.warning("ignoring unreadable %s (%s)", watches_file(), type(e).__name__)
+        return {}
+
+
+class LabelCount:
+    """One project's annotations not yet consumed by a successful run, kept in a state file."""
+
+    def __init__(self, watch: ProjectWatch) -> None:
+        self.watch = watch
+        self.path = receiver_home() / "counts" / f"{watch.project}.json"
+        self.lock = asyncio.Lock()
+        self.watermark, self.pending = Watermark(), {}
+        # the last request for a run: when, at which watermark, with how many labels pending
+        self.fired_at, self.fired_for, self.fired_count = None, None, 0
+        self.stale = True  # recount from Label Studio at the next tick (start, or the watermark moved)
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+            self.watermark = Watermark.model_validate(state["watermark"])
+            self.pending = dict(state["pending"])
+            self.fired_at = datetime.fromisoformat(state["fired_at"]) if state.get("fired_at") else None
+            self.fired_for, self.fired_count = state.get("fired_for"), int(state.get("fired_count") or 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or unreadable: Label Studio has the truth, recounted at the first tick
+
+    def save(self) -> None:
+        _write_atomic(self.path, json.dumps({"watermark": self.watermark.model_dump(), "pending": self.pending, "fired_for": self.fired_for,
+                                             "fired_count": self.fired_count,
+                                             "fired_at": self.fired_at.isoformat() if self.fired_at else None}))
+
+    def add(self, annotations: list[dict[str, Any]]) -> int:
+        added = 0
+        for a in annotations:
+            stamp = annotation_stamp(a)
+            if a.get("id") is not None and not a.get("was_cancelled") and self.watermark.is_new(a["id"], stamp):
+                added += str(a["id"]) not in self.pending
+                self.pending[str(a["id"])] = stamp
+        return added
+
+    def sync_watermark(self) -> None:
+        """Reads the pipeline's watermark; when a run moved it, drops what it consumed and recounts."""
+        current = read_watermark(Path(self.watch.data_root))
+        if current != self.watermark:
+            self.watermark = current
+            self.pending = {i: s for i, s in self.pending.items() if current.is_new(i, s)}
+            self.stale = True
+
+    def status(self) -> dict[str, Any]:
+        return {"pending": len(self.pending), "watermark": self.watermark.at, "policy": self.watch.policy.model_dump(),
+                "fired_at": self.fired_at.isoformat() if self.fired_at else None, "counted_from_label_studio": not self.stale}
+
+
+async def recount(count: LabelCount) -> None:
+    """Replaces the count with Label Studio's (webhooks lost while the receiver was down are in it);
+    annotations that webhooks added while Label Studio answered are kept."""
+    from rmflow.infra import labelstudio_api as lst
+
+    def fetch(watermark: Watermark) -> dict[str, str | None]:
+        ls = lst.connect(attempts=1)
+        return lst.unconsumed_annotations(ls, lst.ensure_project(ls, count.watch.project), watermark)
+
+    before = dict(count.pending)
+    watermark = count.watermark
+    truth = await anyio.to_thread.run_sync(fetch, watermark)
+    async with count.lock:
+        if count.watermark == watermark:
+            count.pending = {**truth, **{i: s for i, s in count.pending.items() if i not in before}}
+            count.stale = False
+            count.save()
+
+
+async def decide(count: LabelCount, prefect_api: str) -> str | None:
+    """Applies the project's rule and emits `rmflow.labels.ready` when it says so; returns the reason."""
+    from rmflow.infra.pipeline_runs import pipeline_activity
+
+    async with count.lock:
+        count.sync_watermark()
+        if not count.pending or count.stale:  # a run just landed: recount first (the next tick does)
+            return None
+        activity = await anyio.to_thread.run_sync(pipeline_activity, count.watch.deployment)
+        now = datetime.now(timezone.utc)
+        # asked already at this watermark, and no label came since: that run failed, crashed or was
+        # never created; ask again after retry_s, or at the next new label
+        same = count.fired_at if count.fired_for == count.watermark.at and len(count.pending) <= count.fired_count else None
+        reason = retrain_reason(count.watch.policy, count.pending, now, bool(activity.in_flight), activity.last_start, same)
+        if reason is None:
+            return None
+        await emit_ready(prefect_api, count, reason)
+        count.fired_at, count.fired_for, count.fired_count = now, count.watermark.at, len(count.pending)
+        count.save()
+        log.warning("%s: %d new labels (%s): asked for a pipeline run", count.watch.project, len(count.pending), reason)
+        return reason
+
+
+async def emit_ready(prefect_api: str, count: LabelCount, reason: str) -> None:
+    """Posts the event to the Prefect server and waits for its answer (a queued event that never
+    left this process would look fired but start nothing)."""
+    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": LABELS_READY_EVENT,
+             "resource": {"prefect.resource.id": project_resource(count.watch.project), "prefect.resource.name": count.watch.project},
+             "payload": {"new_labels": len(count.pending), "reason": reason, "watermark": count.watermark.at,
+                         "min_new_labels": count.watch.policy.min_new_labels}}
+    async with httpx.AsyncClient(timeout=10) as client:
+        (await client.post(f"{prefect_api.rstrip('/')}/events", json=[event])).raise_for_status()
+
+
+def body_annotations(body: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(project title, annotations) of a webhook body; no annotations for other actions. A
+    ValueError names what is malformed."""
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise ValueError("'action' must be a string")
+    if action not in ACTIONS:
+        return None, []
     project = body.get("project")
-    if suffix is None or not isinstance(project, dict) or "id" not in project:
-        return []
+    if not isinstance(project, dict) or not isinstance(project.get("title"), str):
+        raise ValueError("'project' must be an object with a 'title'")
     annotations = body.get("annotation") or body.get("annotations") or []
     annotations = annotations if isinstance(annotations, list) else [annotations]
-    resource = {"prefect.resource.id": project_resource(project["id"]), "prefect.resource.name": str(project.get("title", ""))}
-    return [{"event": f"{ANNOTATION_EVENT}.{suffix}", "resource": resource,
-             "payload": {"annotation": a.get("id"), "task": a.get("task"), "completed_by": a.get("completed_by")}}
-            for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not all(isinstance(a, dict) for a in annotations):
+        raise ValueError("'annotation(s)' must be objects")
+    return project["title"], annotations
 
 
-def create_app(secret: str) -> Starlette:
-    from prefect.events import emit_event
-
+def create_app(secret: str, prefect_api: str | None = None, tick_s: float = TICK_S) -> Starlette:
+    if not secret:
+        raise ValueError("refusing to serve webhooks with an empty shared secret")
+    prefect_api = prefect_api or os.environ.get("PREFECT_API_URL") or ""
     expected = f"Bearer {secret}".encode()
+    counts = {name: LabelCount(w) for name, w in read_watches().items()}
+
+    def authorized(request: Request) -> bool:
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
 
     async def hook(request: Request) -> JSONResponse:
-        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        if not authorized(request):
             return JSONResponse({"error": "missing or wrong shared secret"}, status_code=401)
         try:
             body = await request.json()
@@ -75,18 +245,69 @@ def create_app(secret: str) -> Starlette:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "body is not a JSON object"}, status_code=400)
-        # emit_event only queues: Prefect's events worker sends in the background, so Label
-        # Studio's webhook (1 s timeout) is answered at once
-        emitted = [emit_event(**e) for e in events_for(body)]
-        return JSONResponse({"action": body.get("action"), "events": sum(1 for e in emitted if e is not None)})
+        try:
+            project, annotations = body_annotations(body)
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        count = counts.get(project or "")
+        if count is None or not annotations:
+            return JSONResponse({"action": body.get("action"), "counted": 0, "watched": count is not None})
+        async with count.lock:
+            added = count.add(annotations)
+            count.save()
+        # answered at once (Label Studio waits for it); the rule runs beside
+        task = asyncio.get_running_loop().create_task(_safe(decide(count, prefect_api), project))
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return JSONResponse({"action": body["action"], "counted": added, "pending": len(count.pending)})
+
+    async def status(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"error": "missing or wrong shared secret"}, status_code=401)
+        return JSONResponse({"prefect_api": prefect_api, "projects": {n: c.status() for n, c in counts.items()}})
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
+        return JSONResponse({"ok": True, "projects": sorted(counts)})
 
-    return Starlette(routes=[Route(HOOK_PATH, hook, methods=["POST"]), Route("/health", health)])
+    background: set[asyncio.Task] = set()
+
+    async def tick() -> None:
+        while True:
+            for name, count in counts.items():
+                async with count.lock:
+                    count.sync_watermark()
+                if count.stale:
+                    await _safe(recount(count), name)
+                await _safe(decide(count, prefect_api), name)
+            await asyncio.sleep(tick_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        loop = asyncio.get_running_loop().create_task(tick())
+        yield
+        loop.cancel()
+
+    return Starlette(routes=[Route(HOOK_PATH, hook, methods=["POST"]), Route("/status", status), Route("/health", health)],
+                     lifespan=lifespan)
+
+
+_last_error: dict[str, float] = {}
+
+
+async def _safe(job, project: str | None) -> Any:
+    """Runs a recount or a decision; a service that is down (Label Studio, Prefect) is logged at
+    most once a minute per project and tried again at the next tick."""
+    try:
+        return await job
+    except Exception as e:  # noqa: BLE001 — the receiver keeps serving; the next tick retries
+        if time.monotonic() - _last_error.get(project or "", -1e9) > 60:
+            _last_error[project or ""] = time.monotonic()
+            log.warning("%s: %s (%s); retrying every %.0f s", project, str(e).splitlines()[0][:200] if str(e) else "", type(e).__name__, TICK_S)
+        return None
 
 
 def serve(host: str, port: int) -> None:
     import uvicorn
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(create_app(webhook_secret()), host=host, port=port, log_level="warning")

@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rmcore.names import MIN_NEW_LABELS, SENSOR_INTERVAL_S, TRIGGER_WINDOW_S
-from rmcore.paths import mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
+from rmcore.names import HEARTBEAT_S, SENSOR_INTERVAL_S
+from rmcore.paths import dataset_root, mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
+from rmcore.retrain import RetrainPolicy
 from rmflow.infra import labelstudio
 from rmflow.infra.process import ManagedService, free_port, wait_healthy
 
@@ -95,43 +96,50 @@ def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 
     return _start_http(receiver_service(), port, cmd, {"PREFECT_API_URL": prefect_api}, "/health", timeout_s)
 
 
-def deployments_up(prefect_api: str, params_file: Path, min_new_labels: int, interval_s: int, window_s: int,
+def deployments_up(prefect_api: str, params_file: Path, policy: RetrainPolicy, interval_s: int,
                    port: int = RUNNER_PORT, timeout_s: float = 120) -> dict[str, Any]:
-    """`rmflow serve` in the background: registers the deployments (and the label trigger) and runs
-    their flow runs. Healthy once the runner's own webserver answers /health, which it does only
-    after the deployments are registered and while it keeps polling for runs."""
-    cmd = [_bin("rmflow"), "serve", "--params", str(params_file), "--min-new-labels", str(min_new_labels),
-           "--interval", str(interval_s), "--window", str(window_s)]
+    """`rmflow serve` in the background: registers the deployments (and the labels-ready trigger)
+    and runs their flow runs. Healthy once the runner's own webserver answers /health, which it does
+    only after the deployments are registered and while it keeps polling for runs. Its flow runs
+    send heartbeats every HEARTBEAT_S, which the zombie automation watches."""
+    cmd = [_bin("rmflow"), "serve", "--params", str(params_file), "--interval", str(interval_s),
+           *[arg for name, value in policy.model_dump().items() for arg in (f"--{name.replace('_', '-')}", str(value))]]
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_SERVER_ENABLE": "true", "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
-           "PREFECT_RUNNER_SERVER_PORT": "{port}", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
+           "PREFECT_RUNNER_SERVER_PORT": "{port}", "PREFECT_RUNNER_POLL_FREQUENCY": "5",
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     return _start_http(deployments_service(), port, cmd, env, "/health", timeout_s)
 
 
 def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[str, Any]:
     """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
-    also the receiver, the project's webhook to it and the deployments."""
+    also the receiver (watching the project with its retrain rule), the project's webhook to it and
+    the deployments."""
     out = {"prefect": prefect_up(), "mlflow": mlflow_up()}
     if label_studio:
         out["labelstudio"] = labelstudio.up()
     if serve is not None:
         api = out["prefect"]["api_url"]
-        out["receiver"] = receiver_up(api)
         settings = serve_settings(**serve)
+        if settings["watches_changed"]:  # the receiver reads what it watches when it starts
+            receiver_service().stop()
+        out["receiver"] = receiver_up(api)
         if settings["changed"]:  # served with other settings: the deployments re-register with these
             deployments_service().stop()
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
-        out["deployments"] = deployments_up(api, settings["file"], settings["min_new_labels"], settings["interval_s"],
-                                            settings["window_s"])
+        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"])
     return out
 
 
-def serve_settings(params: dict[str, Any], min_new_labels: int = MIN_NEW_LABELS, interval_s: int = SENSOR_INTERVAL_S,
-                   window_s: int = TRIGGER_WINDOW_S, **_: Any) -> dict[str, Any]:
+def serve_settings(params: dict[str, Any], policy: RetrainPolicy | dict[str, Any] | None = None,
+                   interval_s: int = SENSOR_INTERVAL_S, **_: Any) -> dict[str, Any]:
     """Writes the deployments' default parameters (PipelineParams as JSON, validated by the caller)
-    where the serve process reads them."""
+    where the serve process reads them, and the project's retrain rule where the receiver reads it."""
+    from rmflow.infra.receiver import ProjectWatch, read_watches, write_watches
+
     checked = dict(params)
-    settings = {"params": checked, "min_new_labels": min_new_labels, "interval_s": interval_s, "window_s": window_s}
+    policy = RetrainPolicy.model_validate(policy or {})
+    settings = {"params": checked, "policy": policy.model_dump(mode="json"), "interval_s": interval_s}
     path = deployments_service().home / "settings.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(settings, indent=1, sort_keys=True)
@@ -139,7 +147,13 @@ def serve_settings(params: dict[str, Any], min_new_labels: int = MIN_NEW_LABELS,
     path.write_text(text)
     params_file = path.with_name("params.json")
     params_file.write_text(json.dumps(checked, indent=1))
-    return {**settings, "file": params_file, "changed": changed}
+    # one watched project: the deployments serve one project's parameters, and a labels-ready event
+    # for another project would train this one
+    watch = ProjectWatch(project=checked["project"], data_root=str(dataset_root(checked["project"], checked.get("data_root"))), policy=policy)
+    watches_changed = read_watches() != {watch.project: watch}
+    if watches_changed:
+        write_watches([watch])
+    return {**settings, "policy": policy, "file": params_file, "changed": changed, "watches_changed": watches_changed}
 
 
 def register_webhook(project: str, receiver_url: str) -> dict[str, Any]:

@@ -12,11 +12,11 @@ CHAMPION, PREVIOUS = "champion", "previous"  # registry aliases: the promoted ve
 MODEL_ARTIFACT = "reward_model"  # artifact path of the pyfunc in a run
 HF_ARTIFACT = "hf_model"  # artifact path of the Hugging Face export in a run
 REANNOTATE_FIELD = "rmflow_reannotate"  # task data field marking a pair sent back for re-annotation
-ANNOTATION_EVENT = "rmflow.annotation"  # Prefect events the webhook receiver emits: <this>.created|updated
+LABELS_READY_EVENT = "rmflow.labels.ready"  # the receiver emits it when a project should retrain (rmcore.retrain)
 PIPELINE_DEPLOYMENT = "reward-pipeline/reward-pipeline"  # <flow>/<deployment> that triggers start
-MIN_NEW_LABELS = 20  # annotations that start a retrain (event trigger and label sensor)
+MIN_NEW_LABELS = 20  # new annotations that start a retrain (rmcore.retrain)
 SENSOR_INTERVAL_S = 600  # seconds between label-sensor polls
-TRIGGER_WINDOW_S = 3600  # the event trigger counts annotations within this window
+HEARTBEAT_S = 30  # flow-run heartbeats (Prefect's minimum); a run that misses three is a zombie and is marked Crashed
 
 
 def project_resource(project_id: int | str) -> str:

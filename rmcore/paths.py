@@ -19,3 +19,9 @@ def mlflow_tracking_uri() -> str:
 
 def mlflow_artifact_root() -> str:
     return str(rmflow_home() / "mlartifacts")
+
+
+def dataset_root(project: str, data_root: str | None = None) -> Path:
+    """Where a project's snapshots, dataset versions and label watermark live: `data_root` when
+    given, else RMFLOW_HOME/datasets/<project>."""
+    return Path(data_root) if data_root else rmflow_home() / "datasets" / project

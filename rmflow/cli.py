@@ -13,7 +13,8 @@ import typer
 from transformers.utils import logging as hf_logging
 
 from rmcore.config import GateConfig, RunConfig
-from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, DEFAULT_RESPONSES, MIN_NEW_LABELS, SENSOR_INTERVAL_S, TRIGGER_WINDOW_S
+from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, DEFAULT_RESPONSES, SENSOR_INTERVAL_S
+from rmcore.retrain import RetrainPolicy
 from rmflow.options import parse_sets, with_config_options
 from rmflow.output import console, emit, fail
 
@@ -340,7 +341,9 @@ def collect(
     advance_watermark(out, labels.watermark)
     console.print(f"{labels.new_rankings} new rankings ({labels.total_rankings} in all, "
                   f"{labels.quarantined} quarantined) → {labels.dataset}")
-    emit({**labels.model_dump(), **snapshot.model_dump(include={"snapshot", "annotations", "fetched", "deleted", "incremental"})})
+    emit({**labels.model_dump(exclude={"watermark", "previous_watermark"}), "watermark": labels.watermark.at,
+          "previous_watermark": labels.previous_watermark.at,
+          **snapshot.model_dump(include={"snapshot", "annotations", "fetched", "deleted", "incremental", "cursor"})})
 
 
 def _pipeline_params(params_file: Optional[Path], project: str, model_name: str, workers: int) -> dict[str, Any]:
@@ -355,15 +358,14 @@ def _pipeline_params(params_file: Optional[Path], project: str, model_name: str,
 # the options `up` and `serve` share (serve is what `up` runs in the background)
 ParamsFile = Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON/YAML file of the pipeline's default "
                        "parameters (PipelineParams: project, model_name, run, gate, ...); overrides --project/--model-name/--workers.")]
-MinNewLabels = Annotated[int, typer.Option(help="New annotations that start a retrain (event trigger and label sensor).")]
-Interval = Annotated[int, typer.Option(help="Seconds between label-sensor polls (0: no schedule).")]
-Window = Annotated[int, typer.Option(help="The event trigger counts annotations within this many seconds.")]
+Interval = Annotated[int, typer.Option(help="Seconds between label-sensor polls, the backstop for lost webhooks (0: no schedule).")]
 Project = Annotated[str, typer.Option(help="Label Studio project the deployments train from.")]
 ModelName = Annotated[str, typer.Option(help="Registered model name.")]
 Workers = Annotated[int, typer.Option(help="Ray Train workers for each training.")]
 
 
 @app.command()
+@with_config_options(RetrainPolicy)
 def up(
     label_studio: bool = typer.Option(True, help="Also start Label Studio (off when LABEL_STUDIO_URL names yours)."),
     deployments: bool = typer.Option(True, help="Also serve the deployments and run the webhook receiver."),
@@ -371,16 +373,17 @@ def up(
     model_name: ModelName = DEFAULT_MODEL,
     workers: Workers = 1,
     params: ParamsFile = None,
-    min_new_labels: MinNewLabels = MIN_NEW_LABELS,
     interval: Interval = SENSOR_INTERVAL_S,
-    window: Window = TRIGGER_WINDOW_S,
     webhook: bool = typer.Option(True, help="Register the project's Label Studio webhook to the receiver."),
     webhook_url: Optional[str] = typer.Option(None, help="The receiver's URL as Label Studio reaches it (a remote Label "
                                               "Studio cannot reach 127.0.0.1; put a proxy in front and give its URL)."),
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     """Start the local stack on 127.0.0.1 as background services: Prefect server, MLflow server,
-    Label Studio, the webhook receiver and the served deployments (reward-pipeline with its label
-    trigger, label-sensor, request-reannotation)."""
+    Label Studio, the webhook receiver and the served deployments (reward-pipeline with its
+    labels-ready trigger, label-sensor, request-reannotation). A retrain starts when
+    --min-new-labels annotations are new since the last successful run (--min-interval-s,
+    --max-wait-s: see README, "Running rmflow as a service")."""
     from pydantic import ValidationError
 
     from rmflow.flows.pipeline import PipelineParams
@@ -390,10 +393,10 @@ def up(
     if deployments:
         try:
             pipeline = PipelineParams.model_validate(_pipeline_params(params, project, model_name, workers)).model_dump(mode="json")
+            policy = RetrainPolicy.model_validate(overrides or {})
         except ValidationError as e:
             fail(f"invalid pipeline parameters: {e}")
-        serve = {"params": pipeline, "min_new_labels": min_new_labels,
-                 "interval_s": interval, "window_s": window, "webhook": webhook, "webhook_url": webhook_url}
+        serve = {"params": pipeline, "policy": policy, "interval_s": interval, "webhook": webhook, "webhook_url": webhook_url}
     label_studio = label_studio and not os.environ.get("LABEL_STUDIO_URL")
     try:
         result = stack.up(label_studio, serve)
@@ -403,7 +406,7 @@ def up(
         console.print(f"{name:12} {svc['url']}")
     if deployments:
         console.print(f"\nPrefect UI: {result['prefect']['url']}/deployments — run reward-pipeline from there; "
-                      f"{min_new_labels} new annotations in {serve['params'].get('project', project)} start it too.")
+                      f"{policy.min_new_labels} new annotations in {serve['params'].get('project', project)} start it too.")
     emit(result)
 
 
@@ -428,14 +431,14 @@ def status() -> None:
 
 
 @app.command()
+@with_config_options(RetrainPolicy)
 def serve(
     project: Project = DEFAULT_PROJECT,
     model_name: ModelName = DEFAULT_MODEL,
     workers: Workers = 1,
     params: ParamsFile = None,
-    min_new_labels: MinNewLabels = MIN_NEW_LABELS,
     interval: Interval = SENSOR_INTERVAL_S,
-    window: Window = TRIGGER_WINDOW_S,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     """Register and serve the deployments on the Prefect server, in the foreground (`rmflow up`
     runs this in the background)."""
@@ -449,7 +452,7 @@ def serve(
     pipeline = PipelineParams.model_validate(_pipeline_params(params, project, model_name, workers))
     console.print(f"serving reward-pipeline, label-sensor and request-reannotation on {api} (Ctrl-C stops)")
     with stack.using_prefect(api):
-        serve_deployments(pipeline, min_new_labels, interval, window)
+        serve_deployments(pipeline, RetrainPolicy.model_validate(overrides or {}), interval)
 
 
 @app.command()

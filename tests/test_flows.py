@@ -52,10 +52,11 @@ def watermark(params) -> str | None:
     from rmcore.watermark import read_watermark
     from rmflow.flows.pipeline import data_root
 
-    return read_watermark(data_root(params))
+    return read_watermark(data_root(params)).at
 
 
 def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(label_studio, prefect_harness, params):
+    from rmcore.retrain import RetrainPolicy
     from rmflow.flows.pipeline import reward_pipeline
     from rmflow.flows.sensor import label_sensor
 
@@ -68,12 +69,12 @@ def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(l
     again = reward_pipeline(params)
     assert again["skipped"] and versions(params.model_name) == 1
 
-    idle = label_sensor(params, min_new_labels=30, use_deployment=False)
-    assert idle == {"triggered": False, "new_annotations": 0}
+    idle = label_sensor(params, RetrainPolicy(min_new_labels=30), use_deployment=False)
+    assert (idle["triggered"], idle["new_annotations"]) == (False, 0)
 
     label(20, seed=22)
-    sensed = label_sensor(params, min_new_labels=30, use_deployment=False)
-    assert sensed["triggered"] and sensed["new_annotations"] == 40
+    sensed = label_sensor(params, RetrainPolicy(min_new_labels=30), use_deployment=False)
+    assert sensed["triggered"] and sensed["new_annotations"] == 40 and sensed["reason"] == "threshold"
     retrain = sensed["pipeline"]
     assert retrain["version"] == "2" and retrain["total_rankings"] == 120
     assert "vs_champion" in retrain["gate_checks"]  # gated against version 1

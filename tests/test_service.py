@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-N = 40  # annotations per batch = the trigger's threshold (fewer prompts risk an empty test split)
-WINDOW_S = 45
+N = 20  # the retrain threshold: new labels since the last successful run
 ARTIFACTS = Path(os.environ.get("RMFLOW_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-LAST_BATCH: dict[str, float] = {}  # project → when its last batch of labels began (monotonic)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+PIPELINE = "reward-pipeline/reward-pipeline"
 
 
 def pipeline_params(project: str, tiny_bert: Path, data: Path) -> dict:
@@ -28,17 +27,21 @@ def pipeline_params(project: str, tiny_bert: Path, data: Path) -> dict:
             "gate": {"min_accuracy": 0.0, "max_ece": 1.0, "max_length_bias": 1.0, "delta": 1.0, "bootstrap": 200}}
 
 
+def serve_settings(params: dict, **more) -> dict:
+    return {"params": params, "policy": {"min_new_labels": N}, "interval_s": 0, **more}
+
+
 @pytest.fixture(scope="module")
 def stack(label_studio, tiny_bert, tmp_path_factory):
-    """`rmflow up` with deployments for the project `svc-events` (label trigger at N annotations,
-    no sensor schedule). Torn down except Label Studio, which the session owns."""
+    """`rmflow up` with deployments for the project `svc-events` (retrain at N new labels, no sensor
+    schedule). Torn down except Label Studio, which the session owns."""
     from rmflow.infra import stack as st
 
     mp = pytest.MonkeyPatch()
     mp.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
     data = tmp_path_factory.mktemp("service_data")
     params = pipeline_params("svc-events", tiny_bert, data)
-    services = st.up(True, serve={"params": params, "min_new_labels": N, "interval_s": 0, "window_s": WINDOW_S})
+    services = st.up(True, serve=serve_settings(params))
     api = services["prefect"]["api_url"]
     yield {"api": api, "services": services, "params": params, "data": data, "tiny_bert": tiny_bert}
     st.down(only=("deployments", "receiver", "prefect", "mlflow"))
@@ -82,34 +85,92 @@ def wait_for_runs(api: str, since: datetime, project: str, count: int = 1, timeo
     """The pipeline runs for `project` created after `since`, once `count` of them exist."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        runs = flow_runs(api, "reward-pipeline/reward-pipeline", since, project)
+        runs = flow_runs(api, PIPELINE, since, project)
         if len(runs) >= count:
             return runs
         time.sleep(1)
     raise AssertionError(f"no reward-pipeline run for {project} was created within {timeout_s}s")
 
 
-def label(project: str, n: int, seed: int) -> datetime:
-    """n new prompts, one simulated annotator each (n annotations through Label Studio's API);
-    returns when the last one was submitted."""
+def wait_started(api: str, run_id: str, timeout_s: float = 60) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        run = httpx.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
+        if run["start_time"]:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not start within {timeout_s}s")
+
+
+def wait_past_collection(api: str, run_id: str, timeout_s: float = 120) -> None:
+    """Until the run's collect task finished: labels made later are not in its snapshot."""
+    from rmflow.flows.demo import wait_past_collection as wait
+    from rmflow.infra.stack import using_prefect
+
+    with using_prefect(api):
+        wait(run_id, timeout_s)
+
+
+def new_tasks(project: str, n: int, seed: int) -> tuple[int, list[int]]:
+    """n new prompts in Label Studio, not yet labelled: (project id, task ids)."""
     from rmcore.synthetic import synthetic_items
     from rmflow.infra import labelstudio_api as lst
 
-    # Prefect's threshold trigger counts events in windows of WINDOW_S from the first one; once it
-    # fired it ignores the rest of that window and counts the next window in a bucket opened ahead,
-    # which a batch could straddle: a batch starts after both windows of the previous one closed
-    if project in LAST_BATCH:
-        time.sleep(max(0.0, LAST_BATCH[project] + 2 * WINDOW_S + 1 - time.monotonic()))
-    LAST_BATCH[project] = time.monotonic()
     ls = lst.connect()
     project_id = lst.ensure_project(ls, project)
     before = {t.id for t in ls.tasks.list(project=project_id)}
     items = [{"prompt": f"[{seed}] {i.prompt}", "responses": i.responses, "gold": i.gold} for i in synthetic_items(n, 4, seed=seed)]
     lst.import_tasks(ls, project_id, items)
-    new = [t.id for t in ls.tasks.list(project=project_id) if t.id not in before]
+    new = sorted(t.id for t in ls.tasks.list(project=project_id) if t.id not in before)
     assert len(new) == n
+    return project_id, new
+
+
+def label(project: str, n: int, seed: int) -> datetime:
+    """n new prompts, one simulated annotator each, as fast as the API takes them; returns when
+    the last one was submitted."""
+    from rmflow.infra import labelstudio_api as lst
+
+    project_id, new = new_tasks(project, n, seed)
     lst.simulate_annotators(project_id, annotators=1, noise=0.3, seed=seed, task_ids=new)
     return datetime.now(timezone.utc)
+
+
+def label_at_human_pace(project_id: int, task_ids: list[int], seed: int, between=None) -> datetime:
+    """One annotation at a time, as a person submits them: 1-5 s apart in bursts, with a pause
+    after every sixth. `between(i)` runs after the i-th label. Returns when the last was submitted."""
+    import random
+
+    from rmflow.infra import labelstudio_api as lst
+
+    rng = random.Random(seed)
+    for i, task_id in enumerate(task_ids, 1):
+        lst.simulate_annotators(project_id, annotators=1, noise=0.3, seed=seed, task_ids=[task_id])
+        last = datetime.now(timezone.utc)
+        if between is not None:
+            between(i)
+        if i < len(task_ids):
+            time.sleep(8 if i % 6 == 0 else rng.choice([1, 1, 1.5, 2, 3, 5]))
+    return last
+
+
+def receiver_counts(stack: dict, project: str) -> dict:
+    from rmflow.infra import stack as st
+    from rmflow.infra.receiver import webhook_secret
+
+    url = st.receiver_service().state()["url"]
+    status = httpx.get(f"{url}/status", headers={"Authorization": f"Bearer {webhook_secret()}"}).raise_for_status().json()
+    return status["projects"][project]
+
+
+def wait_for_count(stack: dict, project: str, pending: int, timeout_s: float = 60) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        counts = receiver_counts(stack, project)
+        if counts["pending"] == pending and counts["counted_from_label_studio"]:
+            return counts
+        time.sleep(1)
+    raise AssertionError(f"the receiver counts {counts} for {project}, expected {pending} pending")
 
 
 def record_latency(path: str, seconds: float) -> None:
@@ -137,7 +198,7 @@ def model_versions(name: str) -> list:
 def watermark(stack: dict, project: str) -> str | None:
     from rmcore.watermark import read_watermark
 
-    return read_watermark(stack["data"] / project)
+    return read_watermark(stack["data"] / project).at
 
 
 def test_status_lists_every_service_healthy(stack):
@@ -151,47 +212,91 @@ def test_status_lists_every_service_healthy(stack):
 
 
 def test_receiver_rejects_a_wrong_secret_and_bad_bodies(stack):
-    url = stack["services"]["receiver"]["url"] + "/labelstudio"
-    assert httpx.post(url, json={"action": "ANNOTATION_CREATED"}).status_code == 401
-    assert httpx.post(url, json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    url = stack["services"]["receiver"]["url"]
+    assert httpx.post(f"{url}/labelstudio", json={"action": "ANNOTATION_CREATED"}).status_code == 401
+    assert httpx.post(f"{url}/labelstudio", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{url}/labelstudio", json={}, headers={"Authorization": "Bearer"}).status_code == 401
+    assert httpx.get(f"{url}/status").status_code == 401
     from rmflow.infra.receiver import webhook_secret
 
     ok = {"Authorization": f"Bearer {webhook_secret()}"}
-    assert httpx.post(url, content=b"not json", headers=ok).status_code == 400
-    ignored = httpx.post(url, json={"action": "PROJECT_UPDATED", "project": {"id": 1}}, headers=ok)
-    assert ignored.status_code == 200 and ignored.json()["events"] == 0
+    assert httpx.post(f"{url}/labelstudio", content=b"not json", headers=ok).status_code == 400
+    assert httpx.post(f"{url}/labelstudio", json={"action": ["x"]}, headers=ok).status_code == 400
+    assert httpx.post(f"{url}/labelstudio", json={"action": "ANNOTATION_CREATED", "project": 3}, headers=ok).status_code == 400
+    ignored = httpx.post(f"{url}/labelstudio", json={"action": "PROJECT_UPDATED", "project": {"id": 1}}, headers=ok)
+    assert ignored.status_code == 200 and ignored.json()["counted"] == 0
 
 
-def test_labels_trigger_exactly_one_run_and_a_second_batch_a_gated_retrain(stack):
-    """Event path: N annotations → webhooks → receiver → Prefect events → the deployment trigger →
-    one reward-pipeline run; a second batch → a second run, gated against the first champion."""
+def test_labels_at_human_pace_start_one_run_each_time_n_are_new_none_lost_none_twice(stack):
+    """The event path with labels at the pace people label. N labels 1-5 s apart (bursts, pauses)
+    start exactly one run within 30 s of the N-th; labels made while it trains count toward the
+    next run, also those whose webhook hit a receiver that was down (restarted between labels);
+    the next N start exactly one more run, gated against the first champion, holding each of
+    those labels once."""
+    from rmflow.infra import stack as st
+
     api, project = stack["api"], "svc-events"
     since = datetime.now(timezone.utc)
-    labelled = label(project, N, seed=1)
-    first = wait_for_runs(api, since, project)[0]
-    done = wait_until_done(api, first["id"])
+    project_id, first = new_tasks(project, N, seed=1)
+    before_n = []
+    labelled = label_at_human_pace(project_id, first, seed=1,
+                                   between=lambda i: before_n.append(len(flow_runs(api, PIPELINE, since, project))) if i == N - 1 else None)
+    assert before_n == [0]  # nothing started below the threshold
+    run = wait_for_runs(api, since, project, timeout_s=60)[0]
+    started = datetime.fromisoformat(wait_started(api, run["id"])["start_time"])
+    record_latency("event path, human pace", (started - labelled).total_seconds())
+    assert (started - labelled).total_seconds() <= 30, (started, labelled)
+
+    # labels made while it trains, one of them while the receiver is down (its webhook is lost)
+    wait_past_collection(api, run["id"])
+    during = N // 2
+    project_id, second = new_tasks(project, N, seed=2)
+
+    def restart_receiver(i: int) -> None:
+        if i == 3:
+            st.receiver_service().stop()
+        if i == 4:
+            st.up(True, serve=serve_settings(stack["params"]))
+
+    label_at_human_pace(project_id, second[:during], seed=2, between=restart_receiver)
+    done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
-    record_latency("event", (datetime.fromisoformat(done["start_time"]) - labelled).total_seconds())
-    assert [r["id"] for r in flow_runs(api, "reward-pipeline/reward-pipeline", since, project)] == [first["id"]]
+    wait_for_count(stack, project, during)  # counted from Label Studio after the watermark moved: none lost
+    assert [r["id"] for r in flow_runs(api, PIPELINE, since, project)] == [run["id"]]
     versions = model_versions(f"{project}-reward")
     assert len(versions) == 1 and versions[0].tags["validation_status"] == "passed"
-    assert "vs_champion" not in gate_checks(api, first["id"])
+    assert "vs_champion" not in gate_checks(api, run["id"])
 
     since2 = datetime.now(timezone.utc)
-    label(project, N, seed=2)
-    second = wait_for_runs(api, since2, project)[0]
-    assert wait_until_done(api, second["id"])["state_type"] == "COMPLETED"
-    assert len(flow_runs(api, "reward-pipeline/reward-pipeline", since, project)) == 2
-    assert "vs_champion" in gate_checks(api, second["id"])  # evaluated against version 1
+    labelled2 = label_at_human_pace(project_id, second[during:], seed=3)
+    retrain = wait_for_runs(api, since2, project, timeout_s=60)[0]
+    started2 = datetime.fromisoformat(wait_started(api, retrain["id"])["start_time"])
+    assert (started2 - labelled2).total_seconds() <= 30, (started2, labelled2)
+    done2 = wait_until_done(api, retrain["id"])
+    assert done2["state_type"] == "COMPLETED", done2["state"]
+    assert len(flow_runs(api, PIPELINE, since, project)) == 2
+    assert "vs_champion" in gate_checks(api, retrain["id"])  # evaluated against version 1
     assert len(model_versions(f"{project}-reward")) == 2
+    assert flow_result(api, retrain["id"])["new_rankings"] == str(N)  # each label of the second batch, once
+
+
+def flow_result(api: str, run_id: str) -> dict:
+    """What the run's `labels` table artifact says it consumed."""
+    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["labels"]}}}
+    artifacts = httpx.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
+    assert artifacts, f"flow run {run_id} published no labels table"
+    rows = artifacts[0]["data"]
+    return {row["what"]: row["value"] for row in (json.loads(rows) if isinstance(rows, str) else rows)}
 
 
 def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
     """POST /deployments/{id}/create_flow_run with edited parameters, as the UI's run form sends."""
     api, project = stack["api"], "svc-events"
-    if not model_versions(f"{project}-reward"):
-        label(project, N, seed=3)  # on its own, this test needs labels (their trigger's run is cancelled or skips)
-    dep = deployment(api, "reward-pipeline/reward-pipeline")
+    if not model_versions(f"{project}-reward"):  # on its own, this test needs labels: their run trains first
+        since = datetime.now(timezone.utc)
+        label(project, N, seed=3)
+        wait_until_done(api, wait_for_runs(api, since, project)[0]["id"])
+    dep = deployment(api, PIPELINE)
     params = {**stack["params"], "run": {**stack["params"]["run"], "loss": {"name": "margin"}}}
     run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}}).raise_for_status().json()
     done = wait_until_done(api, run["id"])
@@ -202,14 +307,14 @@ def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
     assert configure_mlflow().get_run(newest.run_id).data.params["loss.name"] == "margin"
 
 
-def test_label_studio_down_when_the_trigger_fires_fails_named_and_the_next_trigger_recovers(stack):
+def test_label_studio_down_when_the_run_starts_fails_named_and_the_next_label_recovers(stack):
     from rmflow.infra import labelstudio
 
     api, project = stack["api"], "svc-events"
     before = watermark(stack, project)
     since = datetime.now(timezone.utc)
     label(project, N, seed=4)
-    labelstudio.down()  # the events are in; the run will find Label Studio gone
+    labelstudio.down()  # the labels are counted; the run will find Label Studio gone
     try:
         run = wait_for_runs(api, since, project)[0]
         done = wait_until_done(api, run["id"])
@@ -221,13 +326,47 @@ def test_label_studio_down_when_the_trigger_fires_fails_named_and_the_next_trigg
                for entry in logs), [entry["message"][-200:] for entry in logs][-5:]
     assert watermark(stack, project) == before
 
-    # the next start (here from the UI's REST call) collects the labels the failed run could not
-    dep = deployment(api, "reward-pipeline/reward-pipeline")
-    retry = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}).raise_for_status().json()
+    # the receiver asks again at the next label (not in a loop while nothing changes): the run
+    # collects everything the failed one could not
+    since2 = datetime.now(timezone.utc)
+    label(project, 1, seed=5)
+    retry = wait_for_runs(api, since2, project, timeout_s=60)[0]
     assert wait_until_done(api, retry["id"])["state_type"] == "COMPLETED"
+    assert flow_result(api, retry["id"])["new_rankings"] == str(N + 1)
     from rmcore.watermark import is_after
 
     assert is_after(watermark(stack, project), before)
+
+
+def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stack):
+    """A reboot or OOM kill mid-training: the runner and its flow run die with SIGKILL, leaving the
+    run RUNNING. Its heartbeats stop, the zombie automation marks it Crashed, and it stops blocking
+    retraining: `rmflow up` brings the runner back and the next labels start a run that completes."""
+    import os
+    import signal
+
+    from rmflow.infra import stack as st
+
+    api, project = stack["api"], "svc-events"
+    since = datetime.now(timezone.utc)
+    label(project, N, seed=6)
+    run = wait_for_runs(api, since, project)[0]
+    wait_past_collection(api, run["id"])  # training
+    pid = st.deployments_service().state()["pid"]
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    killed = time.monotonic()
+    assert httpx.get(f"{api}/flow_runs/{run['id']}").json()["state_type"] == "RUNNING"
+    st.up(True, serve=serve_settings(stack["params"]))  # up again heals: a new runner
+    crashed = wait_until_done(api, run["id"], timeout_s=240)
+    assert crashed["state_type"] == "CRASHED", crashed["state"]
+    record_latency("killed runner → run Crashed", time.monotonic() - killed)
+
+    since2 = datetime.now(timezone.utc)
+    label(project, 2, seed=7)
+    rerun = wait_for_runs(api, since2, project, timeout_s=60)[0]
+    done = wait_until_done(api, rerun["id"])
+    assert done["state_type"] == "COMPLETED", done["state"]
+    assert flow_result(api, rerun["id"])["new_rankings"] == str(N + 2)
 
 
 def _browser():
@@ -259,7 +398,7 @@ def test_the_prefect_ui_run_form_offers_the_five_losses(stack):
 
     from rmcore.config import LossName
 
-    dep = deployment(stack["api"], "reward-pipeline/reward-pipeline")
+    dep = deployment(stack["api"], PIPELINE)
     driver = _browser()
     try:
         driver.get(f"{stack['services']['prefect']['url']}/deployments/deployment/{dep['id']}/run")
@@ -314,20 +453,26 @@ def test_annotators_see_prompt_and_responses_but_no_internal_ids(stack, label_st
         driver.quit()
 
 
-def test_polling_sensor_starts_one_run_and_every_sensor_run_completes(stack):
-    """Polling path (a Label Studio that cannot reach the receiver): the label-sensor deployment on
-    a 10 s schedule for a project without a webhook."""
+def test_a_webhook_that_never_arrives_is_caught_by_the_polling_sensor(stack):
+    """Polling path: a project whose webhooks never reach the receiver (none registered), the
+    label-sensor deployment on a 10 s schedule: exactly one pipeline run, started by the sensor;
+    every sensor run completes."""
     from rmflow.infra import stack as st
+    from rmflow.infra.pipeline_runs import run_origin
 
     api, project = stack["api"], "svc-polling"
     params = pipeline_params(project, stack["tiny_bert"], stack["data"])
-    st.up(True, serve={"params": params, "min_new_labels": N, "interval_s": 10, "window_s": WINDOW_S, "webhook": False})
+    st.up(True, serve=serve_settings(params, interval_s=10, webhook=False))
+    project_id, tasks = new_tasks(project, N, seed=8)
     since = datetime.now(timezone.utc)
-    labelled = label(project, N, seed=6)
+    labelled = label_at_human_pace(project_id, tasks, seed=8)
     run = wait_for_runs(api, since, project, timeout_s=90)[0]
     done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED"
-    record_latency("polling (10 s interval)", (datetime.fromisoformat(done["start_time"]) - labelled).total_seconds())
+    record_latency("sensor path (10 s interval), human pace", (datetime.fromisoformat(done["start_time"]) - labelled).total_seconds())
+    from prefect.client.schemas.objects import FlowRun
+
+    assert run_origin(FlowRun.model_validate(done)) == "the label sensor"
     after = datetime.fromisoformat(done["end_time"])
     # sensor runs after the pipeline finished see no new labels; wait for two of them
     end = time.monotonic() + 90
@@ -338,4 +483,4 @@ def test_polling_sensor_starts_one_run_and_every_sensor_run_completes(stack):
         time.sleep(2)
     assert sensors and all(r["state_type"] == "COMPLETED" for r in sensors), [(r["name"], r["state_type"]) for r in sensors]
     assert sum(datetime.fromisoformat(r["start_time"]) > after for r in sensors) >= 2
-    assert [r["id"] for r in flow_runs(api, "reward-pipeline/reward-pipeline", since, project)] == [run["id"]]
+    assert [r["id"] for r in flow_runs(api, PIPELINE, since, project)] == [run["id"]]
