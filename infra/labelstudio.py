@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rmcore.paths import rmflow_home
-from rmflow.infra.process import ManagedService, ServiceError, free_port, wait_healthy
+from rmflow.infra.process import ManagedService, ServiceError, exit_status, free_port, wait_healthy
 
 VERSION = "1.23.2"
 ADMIN = "admin@rmflow.local"
@@ -109,6 +109,8 @@ def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
     if state and state.get("url"):
         wait_healthy(f"{state['url']}/health", 30)
         return {"url": state["url"], "pid": state["pid"], "started": False}
+    if state:  # spawned by a start that died before Label Studio answered: stop it, or it runs unseen
+        svc.stop()
     exe = ensure_installed(log)
     creds = credentials()
     port = free_port(port)
@@ -116,8 +118,12 @@ def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
     cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(ls_home() / "data"), "--username", ADMIN, "--enable-legacy-api-token"]
     proc = svc.spawn(cmd, _env(creds), marker="label-studio")
-    url = _read_url(svc.log_file, offset, proc, timeout_s)
-    wait_healthy(f"{url}/health", timeout_s, alive=lambda: proc.poll() is None)
+    try:
+        url = _read_url(svc.log_file, offset, proc, timeout_s)
+        wait_healthy(f"{url}/health", timeout_s, alive=lambda: exit_status(proc) is None)
+    except BaseException:  # a failed or interrupted start leaves no server that `down` does not know about
+        svc.discard(proc)
+        raise
     svc.record(url=url)
     return {"url": url, "pid": proc.pid, "started": True}
 
@@ -125,8 +131,9 @@ def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
 def _read_url(log_file: Path, offset: int, proc, timeout_s: float) -> str:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise ServiceError(f"label-studio exited with code {proc.returncode}; see {log_file}")
+        code = exit_status(proc)
+        if code is not None:
+            raise ServiceError(f"label-studio exited with code {code}; see {log_file}")
         with open(log_file, "rb") as f:
             f.seek(offset)
             m = STARTED.search(f.read())

@@ -1,29 +1,94 @@
 """Starting, checking and stopping a local service process that rmflow owns.
 
-Each service keeps `state.json` (pid, its start time, url) and a log under RMFLOW_HOME/<service>/.
-A process is ours only if the recorded pid is alive with the recorded start time (a pid the
-system reused for another program has another start time) and its command line still carries the
-marker; `stop` signals that process's own group (it was started in a session of its own) and
-nothing else, so rmflow never stops a server it did not start.
+Each service keeps `state.json` (pid, its start, url, what it was started with) and a log under
+RMFLOW_HOME/<service>/. A process is ours only if the recorded pid is alive with the recorded start
+(a pid the system reused for another program started at another moment) and its command line still
+carries the marker; `stop` signals that process's own group (it was started in a session of its own)
+and nothing else, so rmflow never stops a server it did not start.
+
+The start is read as clock ticks since boot (/proc/<pid>/stat), not as a wall-clock time: an NTP
+step or a VM resume moves the wall clock, and with it psutil's create_time, but never a process's
+start tick. State files are replaced atomically, and one that cannot be read counts as absent.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import secrets
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+log = logging.getLogger("rmflow.infra")
+
 
 class ServiceError(RuntimeError):
     pass
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None without /proc
+    or once the process is gone. Fixed for the life of a process whatever the wall clock does."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 2 (the command name) is in parentheses and may itself hold spaces or ")"
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def boot_id() -> str | None:
+    """This boot's id: start ticks count from boot, so they only compare within one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A setting a service is started with that is recorded only as a salted, slow hash: enough to
+    tell that it changed, never enough to read it back from a state file."""
+
+    value: str
+
+    def fingerprint(self, salt: str | None = None) -> str:
+        salt = salt or secrets.token_hex(8)
+        return f"{salt}${hashlib.pbkdf2_hmac('sha256', self.value.encode(), salt.encode(), 100_000).hex()}"
+
+    def matches(self, recorded: Any) -> bool:
+        return isinstance(recorded, str) and "$" in recorded and secrets.compare_digest(self.fingerprint(recorded.split("$")[0]), recorded)
+
+
+def recordable(started_with: dict[str, Any]) -> dict[str, Any]:
+    """`started_with` as it goes into a state file: secrets as fingerprints."""
+    return {k: v.fingerprint() if isinstance(v, Secret) else v for k, v in started_with.items()}
+
+
+def drift(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
+    """Why a service started with `recorded` no longer matches `wanted`, or None if it does."""
+    if recorded is None:
+        return "its start settings were not recorded (started by an older rmflow)"
+    for key, value in wanted.items():
+        if isinstance(value, Secret):
+            if not value.matches(recorded.get(key)):
+                return f"{key} changed"
+        elif recorded.get(key) != value:
+            return f"{key} changed" if key.endswith("_digest") else f"{key} changed ({recorded.get(key)} → {value})"
+    return None
 
 
 @dataclass
@@ -40,32 +105,65 @@ class ManagedService:
         return self.home / f"{self.name}.log"
 
     def state(self) -> dict[str, Any] | None:
-        if not self.state_file.is_file():
+        state = self._read()
+        return state if state is not None and self._ours(state) else None
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
             return None
-        state = json.loads(self.state_file.read_text())
-        return state if self._ours(state) else None
+        except (OSError, ValueError) as e:  # ValueError: truncated JSON, bytes that are not UTF-8
+            log.warning("%s: cannot read %s (%s); treating the service as not running", self.name, self.state_file, e)
+            return None
+        if not isinstance(state, dict):
+            log.warning("%s: %s holds no state object; treating the service as not running", self.name, self.state_file)
+            return None
+        return state
+
+    def _write(self, state: dict[str, Any]) -> None:
+        """Replaces the state file in one step: a reader (or a crash) sees the old state or the new one,
+        never half of one."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".state.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _ours(self, state: dict[str, Any]) -> bool:
         try:
             proc = psutil.Process(state["pid"])
-            return (proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-                    and abs(proc.create_time() - state["started"]) < 0.05
-                    and state["marker"] in " ".join(proc.cmdline()))
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            ticks = start_ticks(proc.pid)
+            if ticks is not None and state.get("ticks") is not None:
+                same_start = ticks == state["ticks"] and state.get("boot") == boot_id()
+            else:  # no /proc, or a state file written before ticks were recorded: wall-clock seconds
+                same_start = abs(proc.create_time() - state["started"]) < 0.05
+            return same_start and state["marker"] in " ".join(proc.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
             return False
 
     def spawn(self, cmd: list[str], env: dict[str, str], marker: str) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")
-        # a session of its own: the service outlives the command that started it
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+        log_file = open(self.log_file, "ab")
+        # a session of its own: the service outlives the command that started it. close_fds (the
+        # default) keeps the caller's up.lock from leaking into the service.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+        log_file.close()
         started = psutil.Process(proc.pid).create_time()
-        self.state_file.write_text(json.dumps({"pid": proc.pid, "started": started, "marker": marker, "cmd": cmd[:2]}))
+        self._write({"pid": proc.pid, "started": started, "ticks": start_ticks(proc.pid), "boot": boot_id(),
+                     "marker": marker, "cmd": cmd[:2]})
         return proc
 
     def record(self, **values: Any) -> None:
-        state = json.loads(self.state_file.read_text())
-        self.state_file.write_text(json.dumps({**state, **values}))
+        self._write({**(self._read() or {}), **values})
 
     def stop(self, timeout: float = 20) -> bool:
         state = self.state()
@@ -82,6 +180,50 @@ class ManagedService:
             os.killpg(group, signal.SIGKILL)
         self.state_file.unlink(missing_ok=True)
         return True
+
+    def discard(self, proc: subprocess.Popen, timeout: float = 10) -> None:
+        """Stops a process spawn() started whose start failed (or was interrupted), with everything in
+        its group, and forgets it. `proc` is not reaped before this (see exit_status), so its pid, and
+        with it the group id, cannot have been given to another process."""
+        if proc.returncode is not None:  # already reaped elsewhere: its group id is no longer ours to signal
+            self.state_file.unlink(missing_ok=True)
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            end = time.monotonic() + timeout
+            while exit_status(proc) is None and time.monotonic() < end:
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)  # the leader's children too, if they outlived it
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        self.state_file.unlink(missing_ok=True)
+
+
+def exit_status(proc: subprocess.Popen) -> int | None:
+    """The exit status of a process spawn() started, None while it runs. Unlike Popen.poll it does not
+    reap the process, so its pid (and its group id) stay reserved until discard() has signalled it."""
+    if proc.returncode is not None:
+        return proc.returncode
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return None if info is None else info.si_status
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `path` for the block, waiting while another process holds it. An
+    flock: the kernel releases it when its holder exits, however it exits, so no stale lock survives."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another rmflow command that holds %s", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def wait_healthy(url: str, deadline_s: float, alive=lambda: True, expect: bytes | None = None) -> None:
