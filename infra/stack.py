@@ -9,11 +9,17 @@ names a server.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,10 @@ from rmcore.names import HEARTBEAT_S, SENSOR_INTERVAL_S
 from rmcore.paths import dataset_root, mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
 from rmcore.retrain import RetrainPolicy
 from rmflow.infra import labelstudio
-from rmflow.infra.process import ManagedService, free_port, wait_healthy
+from rmflow.infra.process import ManagedService, Secret, ServiceError, drift, exclusive, exit_status, free_port, recordable, wait_healthy
 
 PREFECT_PORT, MLFLOW_PORT, RECEIVER_PORT, RUNNER_PORT = 4200, 5000, 8765, 8766
+log = logging.getLogger("rmflow.infra")
 
 
 def _bin(name: str) -> str:
@@ -61,17 +68,40 @@ def prefect_env() -> dict[str, str]:
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "15"}
 
 
-def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, str], health: str, timeout_s: float) -> dict[str, Any]:
-    """Starts `cmd` (with {port} filled in) unless rmflow already runs it, then waits for `health`."""
+def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, str], health: str, timeout_s: float,
+                started_with: dict[str, Any] | None = None, before_restart: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Starts `cmd` (with {port} filled in) unless rmflow already runs it, then waits for `health`.
+
+    `started_with` is what the service reads once, at start (the Prefect API it talks to, a secret,
+    its settings); it is recorded in its state, and a service running with something else is
+    restarted, after `before_restart(reason)`, which may refuse by raising. A start that fails or is
+    interrupted stops what it spawned: no process is left that `down` does not know about."""
     state = svc.state()
-    if state and state.get("url"):
-        return {"url": state["url"], "started": False}
+    if state:
+        reason = _restart_reason(state, started_with)
+        if reason is None:
+            return {"url": state["url"], "started": False}
+        if before_restart is not None:
+            before_restart(reason)
+        log.warning("%s: restarting: %s", svc.name, reason)
+        svc.stop()
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
-    proc = svc.spawn([part.format(port=port) for part in cmd], {k: v.format(port=port) for k, v in env.items()}, marker=svc.name)
-    wait_healthy(url + health, timeout_s, alive=lambda: proc.poll() is None)
-    svc.record(url=url)
+    env = {**{k: v.format(port=port) for k, v in env.items()}, "RMFLOW_HOME": str(rmflow_home())}
+    proc = svc.spawn([part.format(port=port) for part in cmd], env, marker=svc.name)
+    try:
+        wait_healthy(url + health, timeout_s, alive=lambda: exit_status(proc) is None)
+    except BaseException:
+        svc.discard(proc)
+        raise
+    svc.record(url=url, **({"started_with": recordable(started_with)} if started_with is not None else {}))
     return {"url": url, "started": True}
+
+
+def _restart_reason(state: dict[str, Any], started_with: dict[str, Any] | None) -> str | None:
+    if not state.get("url"):  # spawned by an `up` that died before the health check passed (up.lock rules out one still starting)
+        return "its last start never passed the health check"
+    return drift(state.get("started_with"), started_with) if started_with is not None else None
 
 
 def prefect_up(port: int = PREFECT_PORT, timeout_s: float = 120) -> dict[str, Any]:
@@ -91,29 +121,99 @@ def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120) -> dict[str, Any]
 
 def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 60) -> dict[str, Any]:
     """The webhook receiver (`rmflow receiver`), emitting to `prefect_api`; the shared secret
-    reaches it through its own file or the environment, never its command line."""
+    reaches it through its own file or the environment, never its command line. It reads both once,
+    at start: restarted when Prefect moved or the secret changed (its state keeps a salted hash)."""
+    from rmflow.infra.receiver import webhook_secret
+
     cmd = [_bin("rmflow"), "receiver", "--host", "127.0.0.1", "--port", "{port}"]
-    return _start_http(receiver_service(), port, cmd, {"PREFECT_API_URL": prefect_api}, "/health", timeout_s)
+    started_with = {"prefect_api": prefect_api, "webhook_secret": Secret(webhook_secret())}
+    return _start_http(receiver_service(), port, cmd, {"PREFECT_API_URL": prefect_api}, "/health", timeout_s, started_with)
 
 
 def deployments_up(prefect_api: str, params_file: Path, policy: RetrainPolicy, interval_s: int,
-                   port: int = RUNNER_PORT, timeout_s: float = 120) -> dict[str, Any]:
+                   port: int = RUNNER_PORT, timeout_s: float = 120, wait: bool = False) -> dict[str, Any]:
     """`rmflow serve` in the background: registers the deployments (and the labels-ready trigger)
     and runs their flow runs. Healthy once the runner's own webserver answers /health, which it does
     only after the deployments are registered and while it keeps polling for runs. Its flow runs
-    send heartbeats every HEARTBEAT_S, which the zombie automation watches."""
+    send heartbeats every HEARTBEAT_S, which the zombie automation watches.
+
+    Restarted when what it serves changed (its command line, environment or parameters file) or
+    Prefect moved, but never under a flow run: see `runner_idle`."""
     cmd = [_bin("rmflow"), "serve", "--params", str(params_file), "--interval", str(interval_s),
            *[arg for name, value in policy.model_dump().items() for arg in (f"--{name.replace('_', '-')}", str(value))]]
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_SERVER_ENABLE": "true", "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
            "PREFECT_RUNNER_SERVER_PORT": "{port}", "PREFECT_RUNNER_POLL_FREQUENCY": "5",
            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
-    return _start_http(deployments_service(), port, cmd, env, "/health", timeout_s)
+    digest = hashlib.sha256(json.dumps([cmd, env, params_file.read_text()], sort_keys=True).encode()).hexdigest()
+    return _start_http(deployments_service(), port, cmd, env, "/health", timeout_s,
+                       {"prefect_api": prefect_api, "settings_digest": digest}, lambda reason: runner_idle(prefect_api, reason, wait))
 
 
-def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[str, Any]:
+# Flow runs a restart of the runner would kill (it runs each as a subprocess in its own process
+# group): the pipeline and re-annotation, not label-sensor's short polls, which rerun on schedule.
+# CANCELLING counts: the runner marks a cancelled run CANCELLED only after it has killed it.
+RUNNER_FLOWS = ("reward-pipeline", "request-reannotation")
+BUSY_STATES = ("PENDING", "RUNNING", "CANCELLING")
+IDLE_POLL_S = 5.0
+
+
+def runner_runs(prefect_api: str) -> list[str]:
+    """"name (id)" of each pending, running or cancelling run of the deployments in RUNNER_FLOWS."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    busy = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in BUSY_STATES])))
+    with using_prefect(prefect_api), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(RUNNER_FLOWS))),
+                                     deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(RUNNER_FLOWS))),
+                                     flow_run_filter=busy)
+    return [f"{r.name} ({r.id})" for r in runs]
+
+
+def runner_idle(prefect_api: str, reason: str, wait: bool = False) -> None:
+    """Called before the deployments restart (because `reason`). Stopping the runner stops its
+    process group, and with it every flow run in progress: raises a ServiceError naming those runs,
+    or with `wait` waits until none is left."""
+    runs = runner_runs(prefect_api)
+    if runs and wait:
+        log.warning("the deployments must restart (%s); waiting for %s to finish", reason, ", ".join(runs))
+    while runs and wait:
+        time.sleep(IDLE_POLL_S)
+        runs = runner_runs(prefect_api)
+    if runs:
+        raise ServiceError(f"the deployments must restart ({reason}), which would kill the flow run(s) in progress: "
+                           f"{', '.join(runs)}. Wait for them to finish or cancel them (Prefect UI, or `prefect flow-run "
+                           "cancel <id>`) and run `rmflow up` again, or run `rmflow up --wait`.")
+
+
+def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One `up` or `down` at a time (an exclusive flock on RMFLOW_HOME/up.lock, waited for): two at
+    once would each see a service not running yet and start it twice."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with exclusive(rmflow_home() / "up.lock"):
+            return fn(*args, **kwargs)
+    return run
+
+
+@_locked
+def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: bool = False) -> dict[str, Any]:
     """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
     also the receiver (watching the project with its retrain rule), the project's webhook to it and
-    the deployments."""
+    the deployments.
+
+    Safe to run again: what runs with the settings asked for is left alone; the receiver and the
+    deployments restart when their settings or the Prefect server changed. The deployments never
+    restart under a pipeline run: `up` refuses, naming the runs, or with `wait` waits for them."""
     out = {"prefect": prefect_up(), "mlflow": mlflow_up()}
     if label_studio:
         out["labelstudio"] = labelstudio.up()
@@ -123,11 +223,9 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None) -> dict[s
         if settings["watches_changed"]:  # the receiver reads what it watches when it starts
             receiver_service().stop()
         out["receiver"] = receiver_up(api)
-        if settings["changed"]:  # served with other settings: the deployments re-register with these
-            deployments_service().stop()
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
-        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"])
+        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"], wait=wait)
     return out
 
 
@@ -176,6 +274,7 @@ def _services() -> dict[str, ManagedService]:
             "mlflow": mlflow_service(), "labelstudio": labelstudio.service()}
 
 
+@_locked
 def down(only: tuple[str, ...] = SERVICES) -> dict[str, bool]:
     """Stops the services rmflow started, the deployments first (their runs need the servers)."""
     services = _services()
@@ -183,25 +282,50 @@ def down(only: tuple[str, ...] = SERVICES) -> dict[str, bool]:
 
 
 HEALTH = {"deployments": "/health", "receiver": "/health", "prefect": "/api/health", "mlflow": "/health", "labelstudio": "/health"}
+ON_PREFECT = ("deployments", "receiver")  # useless without the Prefect server they were started with
 
 
 def status() -> dict[str, Any]:
-    """Each service: running (our process alive), url, pid, healthy (its health endpoint answers)."""
-    import urllib.request
-
+    """Each service: running (our process alive), url, pid, healthy, and reason (why it is not
+    healthy; None when it is). The receiver and the deployments are healthy only while the Prefect
+    server they were started with is the one rmflow runs now, and it answers."""
+    prefect = prefect_service().state()
+    prefect_api = f"{prefect['url']}/api" if prefect and prefect.get("url") else None
     out = {}
     for name, svc in _services().items():
         state = svc.state()
-        healthy = False
-        if state and state.get("url"):
-            try:
-                with urllib.request.urlopen(state["url"] + HEALTH[name], timeout=3) as resp:
-                    healthy = resp.status == 200
-            except OSError:
-                healthy = False
+        reason = _unhealthy(name, state, prefect_api)
         out[name] = {"running": bool(state), "url": state.get("url") if state else None,
-                     "pid": state.get("pid") if state else None, "healthy": healthy}
+                     "pid": state.get("pid") if state else None, "healthy": reason is None, "reason": reason}
     return out
+
+
+def _unhealthy(name: str, state: dict[str, Any] | None, prefect_api: str | None) -> str | None:
+    if not state:
+        return "not running"
+    if not state.get("url"):
+        return "started, but its health check has not passed"
+    problem = _probe(state["url"] + HEALTH[name])
+    if problem or name not in ON_PREFECT:
+        return problem
+    api = (state.get("started_with") or {}).get("prefect_api")
+    if prefect_api is None:
+        return f"it talks to Prefect at {api}, but the Prefect server is not running; `rmflow up` starts it"
+    if api != prefect_api:
+        return f"it talks to Prefect at {api}, but the Prefect server runs at {prefect_api}; `rmflow up` restarts it"
+    problem = _probe(f"{api}/health")
+    return f"its Prefect server: {problem}" if problem else None
+
+
+def _probe(url: str) -> str | None:
+    """None if `url` answers 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return None if resp.status == 200 else f"{url} answered HTTP {resp.status}"
+    except urllib.error.HTTPError as e:
+        return f"{url} answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"{url} does not answer ({getattr(e, 'reason', e)})"
 
 
 def prefect_api_url() -> str | None:

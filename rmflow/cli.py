@@ -377,13 +377,17 @@ def up(
     webhook: bool = typer.Option(True, help="Register the project's Label Studio webhook to the receiver."),
     webhook_url: Optional[str] = typer.Option(None, help="The receiver's URL as Label Studio reaches it (a remote Label "
                                               "Studio cannot reach 127.0.0.1; put a proxy in front and give its URL)."),
+    wait: bool = typer.Option(False, help="When the deployments must restart (other settings, Prefect moved) while a "
+                              "pipeline run is in progress, wait for it to finish instead of refusing."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Start the local stack on 127.0.0.1 as background services: Prefect server, MLflow server,
     Label Studio, the webhook receiver and the served deployments (reward-pipeline with its
     labels-ready trigger, label-sensor, request-reannotation). A retrain starts when
     --min-new-labels annotations are new since the last successful run (--min-interval-s,
-    --max-wait-s: see README, "Running rmflow as a service")."""
+    --max-wait-s: see README, "Running rmflow as a service"). Safe to run again: it restarts only
+    what runs with other settings, and never the deployments under a pipeline run (it names the
+    run and stops; --wait waits for it)."""
     from pydantic import ValidationError
 
     from rmflow.flows.pipeline import PipelineParams
@@ -399,7 +403,7 @@ def up(
         serve = {"params": pipeline, "policy": policy, "interval_s": interval, "webhook": webhook, "webhook_url": webhook_url}
     label_studio = label_studio and not os.environ.get("LABEL_STUDIO_URL")
     try:
-        result = stack.up(label_studio, serve)
+        result = stack.up(label_studio, serve, wait=wait)
     except Exception as e:  # noqa: BLE001 — a service that would not start: one clear line
         fail(_ls_failure(e) if "Label Studio" in str(e) else str(e))
     for name, svc in result.items():
@@ -426,7 +430,8 @@ def status() -> None:
     result = stack.status()
     for name, svc in result.items():
         state = "[green]healthy[/]" if svc["healthy"] else ("[yellow]unhealthy[/]" if svc["running"] else "[dim]stopped[/]")
-        console.print(f"{name:12} {state:24} {svc['url'] or '-':28} pid {svc['pid'] or '-'}")
+        console.print(f"{name:12} {state:24} {svc['url'] or '-':28} pid {svc['pid'] or '-'}"
+                      + (f"  ({svc['reason']})" if svc["running"] and svc["reason"] else ""))
     emit(result)
 
 
