@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 from label_studio_sdk import LabelStudio
@@ -111,18 +112,41 @@ def ensure_project(ls: LabelStudio, title: str, k: int = DEFAULT_RESPONSES) -> i
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"]
 
 
+RMFLOW_HOOK_HEADER = "X-Rmflow-Hook"  # marks the webhooks rmflow registers (the receiver ignores it)
+
+
 def ensure_webhook(ls: LabelStudio, project_id: int, url: str, secret: str) -> int:
     """Registers (or updates) the project's webhook to rmflow's receiver at `url`, sending the
-    shared secret as a bearer token; returns its id. One webhook per (project, url)."""
-    headers = {"Authorization": f"Bearer {secret}"}
+    shared secret as a bearer token; returns its id. The project's other rmflow webhooks (to a
+    receiver's earlier address) are deleted: each would keep posting the secret to a port that
+    anything may listen on next. Webhooks rmflow did not register are left alone."""
+    headers = {"Authorization": f"Bearer {secret}", RMFLOW_HOOK_HEADER: "receiver"}
+    settings = {"url": url, "headers": headers, "actions": WEBHOOK_ACTIONS, "is_active": True, "send_payload": True,
+                "send_for_all_actions": False}
     with api_errors():
-        for hook in ls.webhooks.list(project=str(project_id)):
-            if hook.url == url and hook.project == project_id:
-                ls.webhooks.update(id=hook.id, url=url, headers=headers, actions=WEBHOOK_ACTIONS, is_active=True,
-                                   send_payload=True, send_for_all_actions=False)
-                return hook.id
-        return ls.webhooks.create(project=project_id, url=url, headers=headers, actions=WEBHOOK_ACTIONS, is_active=True,
-                                  send_payload=True, send_for_all_actions=False).id
+        hooks = [h for h in ls.webhooks.list(project=str(project_id)) if h.project == project_id]
+        kept = next((h.id for h in hooks if h.url == url), None)
+        if kept is None:
+            kept = ls.webhooks.create(project=project_id, **settings).id
+        else:
+            ls.webhooks.update(id=kept, **settings)
+        for hook in hooks:  # after the new one exists: no moment without a hook
+            if hook.id != kept and is_rmflow_hook(hook, urlparse(url).path):
+                ls.webhooks.delete(id=hook.id)
+    return kept
+
+
+def is_rmflow_hook(hook: Any, path: str) -> bool:
+    """A webhook rmflow registered: it carries RMFLOW_HOOK_HEADER, or (registered before that header
+    existed) it has exactly rmflow's shape: a bearer token as its only header, rmflow's actions, and
+    the receiver's `path` on a loopback address."""
+    headers = hook.headers or {}
+    if RMFLOW_HOOK_HEADER in headers:
+        return True
+    target = urlparse(hook.url or "")
+    return (set(headers) == {"Authorization"} and str(headers["Authorization"]).startswith("Bearer ")
+            and set(hook.actions or []) == set(WEBHOOK_ACTIONS) and target.path == path
+            and target.hostname in ("127.0.0.1", "localhost"))
 
 
 def task_hash(prompt: str, responses: list[str]) -> str:
