@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def rmflow_home() -> Path:
-    home = Path(os.environ.get("RMFLOW_HOME", Path.home() / ".rmflow")).expanduser()
+    """RMFLOW_HOME (default ~/.rmflow), made absolute: services get paths under it on their command
+    lines and as file URIs, which a relative path cannot be."""
+    home = Path(os.path.abspath(Path(os.environ.get("RMFLOW_HOME", Path.home() / ".rmflow")).expanduser()))
     home.mkdir(parents=True, exist_ok=True)
     return home
 
