@@ -56,7 +56,12 @@ def data_root(params: PipelineParams) -> Path:
     return dataset_root(params.project, params.data_root)
 
 
-LEASE_S = 60  # the concurrency slot's lease; renewed while the run lives
+# The concurrency slot's lease. Prefect renews it every 3/4 of the lease (225 s here) and its client
+# retries a renewal against an unreachable server for a minute or more: a Prefect outage shorter
+# than the 75 s the lease has left is ridden out. A renewal that fails for good ends the run
+# (raise_on_lease_renewal_failure): with the lease lapsed the slot is free, and a second run could
+# train the same model beside this one. A crashed run's slot frees itself after LEASE_S.
+LEASE_S = 300
 
 
 def pipeline_lock(model_name: str) -> str:
@@ -79,9 +84,8 @@ def pipeline_lock(model_name: str) -> str:
 @flow(name="reward-pipeline", log_prints=True)
 def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """collect → dataset → [strength] → train on Ray → register → evaluate → gate + promote → [re-annotate]."""
-    # a crashed run's slot frees itself once its lease is not renewed for LEASE_S
     with concurrency(pipeline_lock(params.model_name), occupy=1, strict=True, lease_duration=LEASE_S,
-                     raise_on_lease_renewal_failure=False):
+                     raise_on_lease_renewal_failure=True):
         return _stages(params)
 
 
