@@ -56,12 +56,13 @@ def data_root(params: PipelineParams) -> Path:
     return dataset_root(params.project, params.data_root)
 
 
-# The concurrency slot's lease. Prefect renews it every 3/4 of the lease (225 s here) and its client
-# retries a renewal against an unreachable server for a minute or more: a Prefect outage shorter
-# than the 75 s the lease has left is ridden out. A renewal that fails for good ends the run
-# (raise_on_lease_renewal_failure): with the lease lapsed the slot is free, and a second run could
-# train the same model beside this one. A crashed run's slot frees itself after LEASE_S.
-LEASE_S = 300
+# The concurrency slot's lease. Prefect renews it every 3/4 of the lease (90 s here) and retries a
+# failed renewal: a Prefect outage shorter than the 30 s the lease has left (a server restart here)
+# is ridden out. A renewal that fails for good ends the run (raise_on_lease_renewal_failure): with
+# the lease lapsed the slot is free, and a second run could train the same model beside this one.
+# A crashed run's slot frees itself after LEASE_S, about when the zombie automation (90 s without a
+# heartbeat) has marked it Crashed: a longer lease would hold the next labels' run back that long.
+LEASE_S = 120
 
 
 def pipeline_lock(model_name: str) -> str:

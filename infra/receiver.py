@@ -56,22 +56,35 @@ def receiver_home() -> Path:
     return rmflow_home() / "receiver"
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def _write_atomic(path: Path, text: str, mode: int = 0o644, replace: bool = True) -> None:
+    """Writes `path` whole or not at all. With `replace=False` an existing file wins (two first
+    writers of a secret must not end up with different ones)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.chmod(tmp, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def webhook_secret() -> str:
-    """RMFLOW_WEBHOOK_SECRET, else one generated once and kept in a mode-600 file (written whole
-    or not at all). An empty secret is refused: an empty bearer must never be accepted."""
+    """RMFLOW_WEBHOOK_SECRET, else one generated once and kept in a mode-600 file (written whole,
+    the first writer winning). An empty secret is refused: an empty bearer must never be accepted."""
     secret = os.environ.get("RMFLOW_WEBHOOK_SECRET")
     if secret is None:
         path = receiver_home() / "secret"
-        if not path.is_file() or not path.read_text().strip():
+        if not path.is_file():
+            _write_atomic(path, secrets.token_urlsafe(32), mode=0o600, replace=False)
+        elif not path.read_text().strip():  # left empty by an older rmflow that crashed mid-write
             _write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
         secret = path.read_text()
     if not secret.strip():

@@ -121,12 +121,14 @@ def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120) -> dict[str, Any]
 
 def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 60) -> dict[str, Any]:
     """The webhook receiver (`rmflow receiver`), emitting to `prefect_api`; the shared secret
-    reaches it through its own file or the environment, never its command line. It reads both once,
-    at start: restarted when Prefect moved or the secret changed (its state keeps a salted hash)."""
-    from rmflow.infra.receiver import webhook_secret
+    reaches it through its own file or the environment, never its command line. It reads them and
+    the projects it watches once, at start: restarted when Prefect moved, the secret changed (its
+    state keeps a salted hash) or `rmflow up` set another project or retrain rule."""
+    from rmflow.infra.receiver import read_watches, webhook_secret
 
     cmd = [_bin("rmflow"), "receiver", "--host", "127.0.0.1", "--port", "{port}"]
-    started_with = {"prefect_api": prefect_api, "webhook_secret": Secret(webhook_secret())}
+    started_with = {"prefect_api": prefect_api, "webhook_secret": Secret(webhook_secret()),
+                    "watches": {name: w.model_dump(mode="json") for name, w in read_watches().items()}}
     return _start_http(receiver_service(), port, cmd, {"PREFECT_API_URL": prefect_api}, "/health", timeout_s, started_with)
 
 
@@ -220,8 +222,6 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: boo
     if serve is not None:
         api = out["prefect"]["api_url"]
         settings = serve_settings(**serve)
-        if settings["watches_changed"]:  # the receiver reads what it watches when it starts
-            receiver_service().stop()
         out["receiver"] = receiver_up(api)
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
@@ -237,21 +237,15 @@ def serve_settings(params: dict[str, Any], policy: RetrainPolicy | dict[str, Any
 
     checked = dict(params)
     policy = RetrainPolicy.model_validate(policy or {})
-    settings = {"params": checked, "policy": policy.model_dump(mode="json"), "interval_s": interval_s}
-    path = deployments_service().home / "settings.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(settings, indent=1, sort_keys=True)
-    changed = not path.is_file() or path.read_text() != text
-    path.write_text(text)
-    params_file = path.with_name("params.json")
+    params_file = deployments_service().home / "params.json"
+    params_file.parent.mkdir(parents=True, exist_ok=True)
     params_file.write_text(json.dumps(checked, indent=1))
     # one watched project: the deployments serve one project's parameters, and a labels-ready event
     # for another project would train this one
     watch = ProjectWatch(project=checked["project"], data_root=str(dataset_root(checked["project"], checked.get("data_root"))), policy=policy)
-    watches_changed = read_watches() != {watch.project: watch}
-    if watches_changed:
+    if read_watches() != {watch.project: watch}:
         write_watches([watch])
-    return {**settings, "policy": policy, "file": params_file, "changed": changed, "watches_changed": watches_changed}
+    return {"params": checked, "policy": policy, "interval_s": interval_s, "file": params_file}
 
 
 def register_webhook(project: str, receiver_url: str) -> dict[str, Any]:

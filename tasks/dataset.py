@@ -40,10 +40,11 @@ def agreement(rankings) -> dict[str, float]:
             "kendall_tau": sum(taus) / len(taus) if taus else float("nan"), "multi_annotated_tasks": len(agree)}
 
 
-def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: Watermark) -> LabelDataset:
+def build_dataset(snapshot: LabelSnapshot, root: Path, watermark: Watermark | None = None) -> LabelDataset:
     """Converts the snapshot into `root/<version>/` (reused when that version exists); staging is
     per run, so concurrent runs never write into one folder. Rankings the watermark has not
-    consumed are new."""
+    consumed are new (all of them without one)."""
+    watermark = watermark or Watermark()
     data = json.loads(Path(snapshot.snapshot).read_text())
     source = f"label-studio:{data['project']}"
     q = Quarantine(source)

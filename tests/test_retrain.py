@@ -61,3 +61,4 @@ def test_an_annotation_caught_after_the_pull_started_is_consumed_once(tmp_path):
     assert advance_watermark(tmp_path, older) == wm  # never backwards
     (tmp_path / "watermark.json").write_text('{"watermark": "2026-12-01T13:00:00Z"}')  # an older rmflow's file
     assert read_watermark(tmp_path) == Watermark(at="2026-12-01T13:00:00Z")
+

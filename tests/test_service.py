@@ -384,9 +384,14 @@ def _browser():
 
 
 def _wait_for(driver, find, timeout_s: float = 60):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        found = find(driver)
+        try:
+            found = find(driver)
+        except StaleElementReferenceException:  # the page re-rendered between finding and reading
+            found = None
         if found:
             return found
         time.sleep(0.5)
@@ -441,11 +446,12 @@ def test_annotators_see_prompt_and_responses_but_no_internal_ids(stack, label_st
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         _wait_for(driver, lambda d: "/user/login" not in d.current_url)
         driver.get(f"{url}/projects/{project_id}/data?task={task_id}")
-        items = _wait_for(driver, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".htx-ranker-item") if e.text])
+        # the texts, read in one pass: the editor re-renders the items while it loads
+        items = _wait_for(driver, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".htx-ranker-item") if e.text])
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "labelstudio-ranking-task.png"))
         assert items and len(items) == 4
-        shown = "\n".join(e.text for e in items)  # what a person sees: hidden elements have no text
+        shown = "\n".join(items)  # what a person sees: hidden elements have no text
         assert all(response in shown for response in item.responses)
         assert not any(f"r{i}" in shown.split() for i in range(4)), shown
         assert "Rank the 4 responses, best first" in driver.find_element(By.TAG_NAME, "body").text
