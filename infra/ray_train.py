@@ -28,17 +28,16 @@ import torch
 from rmcore.config import RunConfig, ScaleConfig
 from rmcore.inference import resolve_device
 from rmcore.model import META_FILE
-from rmcore.parallel import shard
+from rmcore.parallel import replicate, shard
 from rmcore.paths import rmflow_home
 from rmcore.train import WorkerContext, train_reward_model
 
 STATE_FILE = "state.pt"
+FINAL_METRICS = "final_metrics.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from."""
-FINAL_METRICS = "final_metrics.json"
-
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -167,7 +166,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         device=device,
-        prepare_model=(lambda m: shard(m, device, cfg.model.dtype)) if cfg.scale.parallel_strategy == "fsdp" else ray.train.torch.prepare_model,
+        prepare_model=prepare_for(cfg, device),
         save_checkpoint=save_checkpoint,
         report=lambda metrics: ray.train.report(metrics),
         # full tensors: on the CPU under fsdp (the whole model may not fit one device)
@@ -176,15 +175,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model" if rank == 0 else None
-        summary = train_reward_model(cfg, Path(config["data_dir"]), model_dir, ctx)
-        # every rank's accounting, so rank 0 reports the whole epoch; on the worker's device (nccl
-        # only reduces CUDA tensors)
-        summary["group_train_counts"] = _all_reduce(summary["group_train_counts"], device)
-        summary["pairs_trained"] = _all_reduce([summary["pairs_trained"]], device)[0]
-        summary["pairs_truncated"] = _all_reduce([summary["pairs_truncated"]], device)[0]
-        summary["pairs_per_s"] = round(summary["pairs_trained"] / max(summary["train_s"], 1e-9), 3)
-        summary["worker_nodes"] = [None] * world  # the Ray node of each rank, to show where the work ran
-        torch.distributed.all_gather_object(summary["worker_nodes"], ray.get_runtime_context().get_node_id())
+        summary = merge_ranks(train_reward_model(cfg, Path(config["data_dir"]), model_dir, ctx), device,
+                              ray.get_runtime_context().get_node_id())
         checkpoint = None
         if rank == 0:
             (Path(tmp) / FINAL_METRICS).write_text(json.dumps(summary, default=float))
@@ -192,25 +184,50 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in summary.items() if np.isscalar(v)}, checkpoint=checkpoint)
 
 
+def prepare_for(cfg: RunConfig, device: torch.device) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """How a worker wraps the model (every launcher: Ray Train, torchrun): FSDP2 shards or DDP."""
+    if cfg.scale.parallel_strategy == "fsdp":
+        return lambda m: shard(m, device, cfg.model.dtype)
+    return lambda m: replicate(m, device)
+
+
+def merge_ranks(summary: dict[str, Any], device: torch.device, node: str) -> dict[str, Any]:
+    """Every rank's accounting summed (a collective), so rank 0 reports the whole run. pairs/s is
+    this attempt's pairs over this attempt's time: pairs restored from a checkpoint were trained by
+    an earlier attempt, in time not counted here. `node`: where this rank ran (`worker_nodes`)."""
+    summary["group_train_counts"] = _all_reduce(summary["group_train_counts"], device)
+    for key in ("pairs_trained", "pairs_truncated", "pairs_this_attempt"):
+        summary[key] = _all_reduce([summary[key]], device)[0]
+    summary["pairs_per_s"] = round(summary["pairs_this_attempt"] / max(summary["train_s"], 1e-9), 3)
+    summary["worker_nodes"] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(summary["worker_nodes"], node)
+    return summary
+
+
 def _all_reduce(values: list[int], device: torch.device) -> list[int]:
+    # on the worker's device: nccl only reduces CUDA tensors
     t = torch.tensor(values, dtype=torch.long, device=device)
     torch.distributed.all_reduce(t)
     return t.cpu().tolist()
 
 
 def _resume_state(checkpoint, rank: int, device: torch.device) -> dict[str, Any] | None:
-    """The saved state, read as tensors only (checkpoints may sit on shared storage: no pickled
-    code is ever loaded) onto this worker's device; the RNG state stays on the CPU."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        try:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-            state["rng"] = state["rng"].cpu()
-            state["trained"] = json.loads((Path(d) / f"trained_rank{rank}.json").read_text())
-        except Exception as e:  # truncated, corrupted or not tensors-only: never resume from it
-            raise CheckpointError(f"checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                                  "start a new run (another run name) or restore the checkpoint") from None
+        return read_checkpoint(Path(d), rank, device)
+
+
+def read_checkpoint(d: Path, rank: int, device: torch.device) -> dict[str, Any]:
+    """The saved state, read as tensors only (checkpoints may sit on shared storage: no pickled
+    code is ever loaded) onto this worker's device; the RNG state stays on the CPU."""
+    try:
+        state = torch.load(d / STATE_FILE, map_location=device, weights_only=True)
+        state["rng"] = state["rng"].cpu()
+        state["trained"] = json.loads((d / f"trained_rank{rank}.json").read_text())
+    except Exception as e:  # truncated, corrupted or not tensors-only: never resume from it
+        raise CheckpointError(f"checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                              "start a new run (another run name) or restore the checkpoint") from None
     return state
 
 

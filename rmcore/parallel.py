@@ -33,6 +33,19 @@ def shard(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     return model
 
 
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the workers, without DDP's buffer broadcast. A step's sequences run in forward chunks
+    cut by a token budget, so ranks run different numbers of forwards; DDP's default broadcasts the
+    buffers in every forward, a collective the ranks would then issue a different number of times
+    (mismatched collectives: a hang under nccl). The buffers of rmflow's models are constants (position
+    ids, rotary frequencies), equal on every rank, so nothing needs broadcasting; gradients are still
+    all-reduced once per backward, which every rank runs as often."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -211,7 +211,8 @@ class _Loop:
         return {
             "pairs_trained": int((self.trained * pairs).sum()),
             "pairs_truncated": int((self.trained * truncated).sum()),
-            "train_s": round(train_s, 3),
+            "train_s": round(train_s, 3),  # this attempt's: a resumed run's earlier attempts are not in it
+            "pairs_this_attempt": pairs_this_run,
             "pairs_per_s": round(pairs_this_run / train_s, 3) if train_s else 0.0,
             "steps": self.total_steps,
             "val_accuracy": final["accuracy"],

@@ -1,0 +1,128 @@
+"""rmflow's training loop under `torchrun`: for GPU boxes and Slurm without Ray, and for the GPU check
+on a machine where Ray is not installed. The same loop Ray Train runs (`rmcore.train`), wrapped the
+same way (`ray_train.prepare_for`: DDP or FSDP2), with the same checkpoint files and summary.
+
+    torchrun --nproc_per_node 8 -m rmflow.infra.torchrun --data DS --out MODEL --set scale.use_gpu=true
+    python -m torch.distributed.run --nproc_per_node 2 -m rmflow.infra.torchrun --data DS --out MODEL
+
+nccl with one GPU per local rank when `scale.use_gpu`, else gloo on the CPU. A checkpoint every
+`scale.checkpoint_every` steps goes to `--checkpoints` (default MODEL.checkpoints/): one folder per
+step, rank 0's `state.pt`, every rank's `trained_rank{r}.json`, and a `complete` marker written
+last. With `torchrun --max-restarts N`, a failed worker restarts the group and the new attempt
+resumes from the newest complete checkpoint (`restarts`, `resumed_from_step` in the summary).
+Rank 0 prints the summary as the last stdout line (and to `--summary`). Imports torch, transformers
+and rmcore only: no Ray, Prefect or MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rmcore.config import RunConfig, load_run_config
+from rmcore.train import WorkerContext, train_reward_model
+from rmflow.infra.ray_train import STATE_FILE, merge_ranks, prepare_for, prepare_out_dir, read_checkpoint
+
+COMPLETE = "complete"  # written last: a checkpoint folder without it was cut short and is never resumed
+KEEP = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="Dataset folder (`rmflow convert`), read by every rank.")
+    p.add_argument("--out", type=Path, required=True, help="Where rank 0 saves the model (new, empty, or an earlier rmflow model).")
+    p.add_argument("--config", type=Path, default=None, help="YAML/JSON RunConfig.")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value (repeatable).")
+    p.add_argument("--checkpoints", type=Path, default=None, help="Checkpoint folder (default: OUT.checkpoints).")
+    p.add_argument("--resume", action="store_true", help="A first attempt may resume from --checkpoints (restarts always do).")
+    p.add_argument("--summary", type=Path, default=None, help="Also write rank 0's summary JSON here.")
+    p.add_argument("--timeout-s", type=float, default=600,
+                   help="A collective that waits longer fails the run (and torchrun restarts it) instead of hanging.")
+    args = p.parse_args(argv)
+    args.checkpoints = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
+    return args
+
+
+def run_config(args: argparse.Namespace, world: int) -> RunConfig:
+    from rmflow.options import parse_sets
+
+    cfg = load_run_config(args.config, parse_sets(args.sets))
+    return cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"workers": world}),
+                                  "device": "cuda" if cfg.scale.use_gpu else "cpu"})
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    done = sorted(root.glob(f"step-*/{COMPLETE}"))
+    return done[-1].parent if done else None
+
+
+def checkpoint_saver(root: Path, rank: int):
+    """`WorkerContext.save_checkpoint` for this rank: every rank calls it at the same step."""
+
+    def save(state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        folder = root / f"step-{metrics['step']:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        trained = state.pop("trained")
+        if rank == 0:
+            torch.save(state, folder / f"{STATE_FILE}.part")
+            (folder / f"{STATE_FILE}.part").rename(folder / STATE_FILE)
+        (folder / f"trained_rank{rank}.json").write_text(json.dumps(trained))
+        dist.barrier()  # every rank's files are written
+        if rank == 0:
+            (folder / COMPLETE).write_text(json.dumps(metrics, default=float))
+            for old in [f.parent for f in sorted(root.glob(f"step-*/{COMPLETE}"))][:-KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return save
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("rmflow.infra.torchrun runs under torchrun (or python -m torch.distributed.run), which sets RANK and WORLD_SIZE")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    cfg = run_config(args, world)
+    prepare_out_dir(args.out)
+    resume_dir = newest_checkpoint(args.checkpoints)
+    if resume_dir is not None and not (restarts or args.resume):
+        raise SystemExit(f"{args.checkpoints} holds checkpoints of another run: pass --resume to continue it, or another --checkpoints")
+    if cfg.scale.use_gpu:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=args.timeout_s),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        # full tensors on the CPU under fsdp (the whole model may not fit one device)
+        state_device = torch.device("cpu") if cfg.scale.parallel_strategy == "fsdp" else device
+        ctx = WorkerContext(rank=rank, world_size=world, device=device, prepare_model=prepare_for(cfg, device),
+                            save_checkpoint=checkpoint_saver(args.checkpoints, rank), show_progress=False,
+                            resume=read_checkpoint(resume_dir, rank, state_device) if resume_dir else None)
+        summary = train_reward_model(cfg, args.data, args.out if rank == 0 else None, ctx)
+        summary = merge_ranks(summary, device, socket.gethostname())
+        summary |= {"workers": world, "restarts": restarts, "launcher": "torchrun", "backend": dist.get_backend(),
+                    "checkpoints": str(args.checkpoints)}
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, default=float))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("group_train_counts", "history")}, default=float), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
