@@ -10,6 +10,23 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${RMFLOW_VENV:-.venv}"
 PY="$(command -v python3.11 || command -v python3)"
+cmd="${1:-demo}"; shift || true
+
+# The demo's Label Studio lives in a virtualenv of its own (its pins clash with rmflow's): on a fresh
+# machine, install it while rmflow's installs (about a minute saved); `rmflow up` waits for nothing
+# then. Where and which version: infra/labelstudio.py (venv_dir, VERSION).
+ls_pid=""
+if [ "$cmd" = demo ]; then
+  ls_venv="${RMFLOW_LABEL_STUDIO_VENV:-${RMFLOW_HOME:-$HOME/.rmflow}/labelstudio/venv}"
+  if [ ! -x "$ls_venv/bin/label-studio" ]; then
+    ls_version="$(sed -n 's/^VERSION = "\(.*\)"/\1/p' infra/labelstudio.py)"
+    mkdir -p "$(dirname "$ls_venv")"
+    echo "installing label-studio==$ls_version into $ls_venv alongside rmflow (log: $ls_venv.log)" >&2
+    ( "$PY" -m venv "$ls_venv" && "$ls_venv/bin/python" -m pip install -q --upgrade pip \
+        && "$ls_venv/bin/python" -m pip install -q "label-studio==$ls_version" ) >"$ls_venv.log" 2>&1 &
+    ls_pid=$!
+  fi
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
@@ -34,7 +51,8 @@ ensure_browser() {
     || echo "warning: could not install chromium; the browser tests will fail" >&2
 }
 
-cmd="${1:-demo}"; shift || true
+# a failed background install is finished by `rmflow up` (infra/labelstudio.py ensure_installed)
+if [ -n "$ls_pid" ]; then wait "$ls_pid" || echo "label-studio install failed (see $ls_venv.log); rmflow up retries it" >&2; fi
 case "$cmd" in
   demo)   exec "$VENV/bin/rmflow" demo "$@" ;;
   test)   ensure_browser; "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;

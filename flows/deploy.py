@@ -36,6 +36,8 @@ from rmflow.flows.sensor import label_sensor
 
 ZOMBIE_AFTER_S = 3 * HEARTBEAT_S
 ZOMBIE_AUTOMATION = "rmflow: crash zombie flow runs"
+STUCK_PENDING_S = 300  # a flow process that has not started running by then never will
+STUCK_PENDING_AUTOMATION = "rmflow: crash flow runs stuck in Pending"
 
 
 def labels_ready_trigger(project: str, policy: RetrainPolicy) -> DeploymentEventTrigger:
@@ -64,34 +66,39 @@ def deployments(params: PipelineParams, policy: RetrainPolicy, interval_s: int =
     return [pipeline, sensor, reannotation]
 
 
-def ensure_zombie_automation() -> None:
-    """Prefect's documented automation for zombie runs: a flow run whose heartbeat is followed by
-    neither another heartbeat nor a final state within ZOMBIE_AFTER_S is marked Crashed. Created
-    once; left alone when it exists (an operator may have tuned it in the UI)."""
-    from prefect.automations import Automation
+FINAL = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+
+
+def ensure_zombie_automations() -> None:
+    """Prefect's documented automation for zombie runs (a heartbeat followed by neither another
+    heartbeat nor a final state within ZOMBIE_AFTER_S → Crashed), and its twin for runs that die
+    before their first heartbeat: Pending (the runner is starting the flow process) not followed by
+    Running or a final state within STUCK_PENDING_S. Either would otherwise count as in flight and
+    hold retraining back for good. Created once; left alone when they exist (an operator may have
+    tuned them in the UI)."""
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    try:
-        Automation.read(name=ZOMBIE_AUTOMATION)
-        return
-    except ValueError:  # not found
-        pass
-    Automation(
-        name=ZOMBIE_AUTOMATION,
-        description=f"Marks a flow run Crashed when its heartbeats stop for {ZOMBIE_AFTER_S} s (killed runner, reboot, OOM kill).",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=timedelta(seconds=ZOMBIE_AFTER_S)),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"No heartbeat for {ZOMBIE_AFTER_S} s: the process running "
-                                    "this flow run died (killed runner, reboot or OOM kill).")],
-    ).create()
+    def crash_when(name: str, after: str, expect: set[str], within_s: int, why: str) -> None:
+        from prefect.automations import Automation
+
+        try:
+            Automation.read(name=name)
+            return
+        except ValueError:  # not found
+            pass
+        Automation(name=name, description=why, trigger=EventTrigger(
+            after={after}, expect=expect, match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=timedelta(seconds=within_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=why)]).create()
+
+    crash_when(ZOMBIE_AUTOMATION, "prefect.flow-run.heartbeat", {"prefect.flow-run.heartbeat", *FINAL}, ZOMBIE_AFTER_S,
+               f"No heartbeat for {ZOMBIE_AFTER_S} s: the process running this flow run died (killed runner, reboot or OOM kill).")
+    crash_when(STUCK_PENDING_AUTOMATION, "prefect.flow-run.Pending", {"prefect.flow-run.Running", *FINAL}, STUCK_PENDING_S,
+               f"Pending for {STUCK_PENDING_S} s: the flow process never started (its runner died while starting it).")
 
 
 def serve_deployments(params: PipelineParams, policy: RetrainPolicy, interval_s: int = SENSOR_INTERVAL_S) -> None:
-    ensure_zombie_automation()
+    ensure_zombie_automations()
     serve(*deployments(params, policy, interval_s))

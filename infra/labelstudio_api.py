@@ -229,7 +229,7 @@ def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = Non
                 last_id = max(t.id for t in page)
             if on_page is not None:
                 on_page(pages)
-            if len(page) < page_size:
+            if not page:  # not a short page: a server may cap page_size below ours (TASK_API_PAGE_SIZE_MAX)
                 break
     return sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"])
 

@@ -3,13 +3,14 @@ the last one started. The webhook receiver and the label sensor both ask it befo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -19,25 +20,32 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from rmcore.names import PIPELINE_DEPLOYMENT
 
-# a run in one of these states will consume the labels that are new now; a run left RUNNING by a
-# dead runner stops counting once the zombie automation marks it Crashed (flows/deploy.py)
+# a run in one of these states will consume the labels that are new now; a run left RUNNING or
+# PENDING by a dead runner stops counting once an automation marks it Crashed (flows/deploy.py)
 IN_FLIGHT = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+SOON_S = 60  # a run scheduled further ahead (a user's run for tomorrow) does not hold back today's labels
 
 
 @dataclass(frozen=True)
 class PipelineActivity:
-    in_flight: list[str]  # "name (id)" of each run scheduled, pending or running
+    in_flight: list[str]  # "name (id)" of each run scheduled (to start soon), pending or running
     last_start: datetime | None  # when the most recent run started (None: no run ever started)
+    created_since: bool = False  # whether a run was created after the `since` asked about
 
 
-def pipeline_activity(deployment: str = PIPELINE_DEPLOYMENT) -> PipelineActivity:
+def pipeline_activity(deployment: str = PIPELINE_DEPLOYMENT, since: datetime | None = None) -> PipelineActivity:
     with get_client(sync_client=True) as client:
         dep = DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(deployment).id]))
         busy = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=IN_FLIGHT))))
         last = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
-    return PipelineActivity([f"{r.name} ({r.id})" for r in busy], last[0].start_time if last else None)
+        # a run is expected to start when it is created (or later): none expected after `since`, none created
+        created = since is not None and bool(client.read_flow_runs(deployment_filter=dep, limit=1, flow_run_filter=FlowRunFilter(
+            expected_start_time=FlowRunFilterExpectedStartTime(after_=since))))
+    soon = datetime.now(timezone.utc) + timedelta(seconds=SOON_S)
+    busy = [r for r in busy if r.state_type != StateType.SCHEDULED or r.expected_start_time is None or r.expected_start_time <= soon]
+    return PipelineActivity([f"{r.name} ({r.id})" for r in busy], last[0].start_time if last else None, created)
 
 
 def run_origin(run: FlowRun) -> str:

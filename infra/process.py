@@ -12,6 +12,7 @@ start tick. State files are replaced atomically, and one that cannot be read cou
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -174,9 +175,11 @@ class ManagedService:
         if group != proc.pid:  # started by spawn() as a session leader; anything else is not ours to signal
             raise ServiceError(f"{self.name}: pid {proc.pid} does not lead its own process group; not stopping it")
         os.killpg(group, signal.SIGTERM)
-        try:
+        with contextlib.suppress(psutil.TimeoutExpired):
             proc.wait(timeout)
-        except psutil.TimeoutExpired:
+        # whatever of the group outlived its leader (a flow run's subprocess, Ray workers) goes too:
+        # `down` must leave nothing running that rmflow no longer knows about
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
         self.state_file.unlink(missing_ok=True)
         return True

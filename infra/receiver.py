@@ -10,7 +10,7 @@ and an annotation updated twice counts once. When the project's rule (`rmcore.re
 emits one `rmflow.labels.ready` event; the deployment trigger on `reward-pipeline` (threshold 1,
 `flows/deploy.py`) turns it into a run, visible with its cause in the Prefect UI. A tick every
 TICK_S seconds re-applies the rule, so labels that arrived during a run start the next one when
-that run's watermark lands, and the interval and max-wait settings take effect without a new label.
+that run's watermark lands, and the interval settings take effect without a new label.
 Skipped (cancelled) annotations count for nothing.
 
 Bound to 127.0.0.1 unless told otherwise; the secret comes from RMFLOW_WEBHOOK_SECRET or a file
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -28,7 +29,7 @@ import secrets
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ HOOK_PATH = "/labelstudio"
 # Label Studio actions that add labels; ANNOTATIONS_CREATED is a bulk import with annotations
 ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
 TICK_S = 5.0
+REQUEST_GRACE_S = 60.0  # an asked-for run not created by then: the event was lost, ask again
 log = logging.getLogger("rmflow.receiver")
 
 
@@ -123,8 +125,10 @@ class LabelCount:
 
     def __init__(self, watch: ProjectWatch) -> None:
         self.watch = watch
-        self.path = receiver_home() / "counts" / f"{watch.project}.json"
-        self.lock = asyncio.Lock()
+        # a title may hold any character: the file is named by its hash
+        self.path = receiver_home() / "counts" / f"{hashlib.sha256(watch.project.encode()).hexdigest()[:16]}.json"
+        self.lock = asyncio.Lock()  # the count and its state file
+        self.deciding = asyncio.Lock()  # one decision at a time
         self.watermark, self.pending = Watermark(), {}
         # the last request for a run: when, at which watermark, with how many labels pending
         self.fired_at, self.fired_for, self.fired_count = None, None, 0
@@ -142,7 +146,7 @@ class LabelCount:
             pass  # absent or unreadable: Label Studio has the truth, recounted at the first tick
 
     def save(self) -> None:
-        _write_atomic(self.path, json.dumps({"watermark": self.watermark.model_dump(), "pending": self.pending, "fired_for": self.fired_for,
+        _write_atomic(self.path, json.dumps({"project": self.watch.project, "watermark": self.watermark.model_dump(), "pending": self.pending, "fired_for": self.fired_for,
                                              "fired_count": self.fired_count,
                                              "fired_at": self.fired_at.isoformat() if self.fired_at else None}))
 
@@ -188,35 +192,48 @@ async def recount(count: LabelCount) -> None:
 
 
 async def decide(count: LabelCount, prefect_api: str) -> str | None:
-    """Applies the project's rule and emits `rmflow.labels.ready` when it says so; returns the reason."""
+    """Applies the project's rule and emits `rmflow.labels.ready` when it says so; returns the reason.
+
+    Decisions for a project take turns (`count.deciding`); the count itself is only locked to read
+    and to record, never across a call to Prefect, so webhooks are answered while Prefect is slow."""
     from rmflow.infra.pipeline_runs import pipeline_activity
 
-    async with count.lock:
-        count.sync_watermark()
-        if not count.pending or count.stale:  # a run just landed: recount first (the next tick does)
-            return None
-        activity = await anyio.to_thread.run_sync(pipeline_activity, count.watch.deployment)
+    async with count.deciding:
+        async with count.lock:
+            count.sync_watermark()
+            if not count.pending or count.stale:  # a run just landed: recount first (the next tick does)
+                return None
+            pending, watermark = dict(count.pending), count.watermark
+            asked = count.fired_at if count.fired_for == watermark.at else None
+            fired_count = count.fired_count
+        since = asked - timedelta(seconds=2) if asked else None  # the server stamps the run, this process the request
+        activity = await anyio.to_thread.run_sync(pipeline_activity, count.watch.deployment, since)
         now = datetime.now(timezone.utc)
-        # asked already at this watermark, and no label came since: that run failed, crashed or was
-        # never created; ask again after retry_s, or at the next new label
-        same = count.fired_at if count.fired_for == count.watermark.at and len(count.pending) <= count.fired_count else None
-        reason = retrain_reason(count.watch.policy, count.pending, now, bool(activity.in_flight), activity.last_start, same)
+        in_flight = bool(activity.in_flight)
+        same = None
+        if asked is not None and not activity.created_since:
+            # asked, and no run created yet: the trigger is on its way, or the event was lost (ask again)
+            in_flight = in_flight or (now - asked).total_seconds() < REQUEST_GRACE_S
+        elif asked is not None and len(pending) <= fired_count:
+            same = asked  # its run ended without moving the watermark: again after retry_s, or at a new label
+        reason = retrain_reason(count.watch.policy, pending, now, in_flight, activity.last_start, same)
         if reason is None:
             return None
-        await emit_ready(prefect_api, count, reason)
-        count.fired_at, count.fired_for, count.fired_count = now, count.watermark.at, len(count.pending)
-        count.save()
-        log.warning("%s: %d new labels (%s): asked for a pipeline run", count.watch.project, len(count.pending), reason)
+        await emit_ready(prefect_api, count.watch, pending, watermark, reason)
+        async with count.lock:
+            count.fired_at, count.fired_for, count.fired_count = now, watermark.at, len(pending)
+            count.save()
+        log.warning("%s: %d new labels (%s): asked for a pipeline run", count.watch.project, len(pending), reason)
         return reason
 
 
-async def emit_ready(prefect_api: str, count: LabelCount, reason: str) -> None:
+async def emit_ready(prefect_api: str, watch: ProjectWatch, pending: dict[str, str | None], watermark: Watermark, reason: str) -> None:
     """Posts the event to the Prefect server and waits for its answer (a queued event that never
     left this process would look fired but start nothing)."""
     event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": LABELS_READY_EVENT,
-             "resource": {"prefect.resource.id": project_resource(count.watch.project), "prefect.resource.name": count.watch.project},
-             "payload": {"new_labels": len(count.pending), "reason": reason, "watermark": count.watermark.at,
-                         "min_new_labels": count.watch.policy.min_new_labels}}
+             "resource": {"prefect.resource.id": project_resource(watch.project), "prefect.resource.name": watch.project},
+             "payload": {"new_labels": len(pending), "reason": reason, "watermark": watermark.at,
+                         "min_new_labels": watch.policy.min_new_labels}}
     async with httpx.AsyncClient(timeout=10) as client:
         (await client.post(f"{prefect_api.rstrip('/')}/events", json=[event])).raise_for_status()
 
@@ -280,18 +297,27 @@ def create_app(secret: str, prefect_api: str | None = None, tick_s: float = TICK
         return JSONResponse({"prefect_api": prefect_api, "projects": {n: c.status() for n, c in counts.items()}})
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "projects": sorted(counts)})
+        """Unhealthy when the loop that recounts and re-applies the rule has stalled."""
+        age = time.monotonic() - last_tick[0]
+        ok = age < max(60.0, 10 * tick_s)
+        return JSONResponse({"ok": ok, "projects": sorted(counts), "last_tick_s": round(age, 1)}, status_code=200 if ok else 503)
 
     background: set[asyncio.Task] = set()
+
+    async def tick_once(count: LabelCount) -> None:
+        async with count.lock:
+            count.sync_watermark()
+        if count.stale:
+            await recount(count)
+        await decide(count, prefect_api)
+
+    last_tick = [time.monotonic()]
 
     async def tick() -> None:
         while True:
             for name, count in counts.items():
-                async with count.lock:
-                    count.sync_watermark()
-                if count.stale:
-                    await _safe(recount(count), name)
-                await _safe(decide(count, prefect_api), name)
+                await _safe(tick_once(count), name)  # a bad watermark file or a service down: logged, tried again
+            last_tick[0] = time.monotonic()
             await asyncio.sleep(tick_s)
 
     @contextlib.asynccontextmanager

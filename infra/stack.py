@@ -222,10 +222,12 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: boo
     if serve is not None:
         api = out["prefect"]["api_url"]
         settings = serve_settings(**serve)
+        # the deployments first: when they refuse to restart under a run, the receiver keeps
+        # watching what they still serve
+        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"], wait=wait)
         out["receiver"] = receiver_up(api)
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
-        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"], wait=wait)
     return out
 
 
@@ -236,6 +238,8 @@ def serve_settings(params: dict[str, Any], policy: RetrainPolicy | dict[str, Any
     from rmflow.infra.receiver import ProjectWatch, read_watches, write_watches
 
     checked = dict(params)
+    if checked.get("data_root"):  # the receiver, the runner and its flow runs must read the same watermark
+        checked["data_root"] = str(Path(checked["data_root"]).expanduser().absolute())
     policy = RetrainPolicy.model_validate(policy or {})
     params_file = deployments_service().home / "params.json"
     params_file.parent.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,12 @@ def advance_watermark(root: Path, watermark: Watermark) -> Watermark:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".watermark-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"watermark": watermark.at, "consumed": watermark.consumed}, f, sort_keys=True)
-    os.replace(tmp, root / WATERMARK_FILE)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"watermark": watermark.at, "consumed": watermark.consumed}, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut leaves the old watermark or the new one, never an empty file
+        os.replace(tmp, root / WATERMARK_FILE)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return watermark

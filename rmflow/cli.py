@@ -385,7 +385,7 @@ def up(
     Label Studio, the webhook receiver and the served deployments (reward-pipeline with its
     labels-ready trigger, label-sensor, request-reannotation). A retrain starts when
     --min-new-labels annotations are new since the last successful run (--min-interval-s,
-    --max-wait-s: see README, "Running rmflow as a service"). Safe to run again: it restarts only
+    --max-interval-s: see README, "Running rmflow as a service"). Safe to run again: it restarts only
     what runs with other settings, and never the deployments under a pipeline run (it names the
     run and stops; --wait waits for it)."""
     from pydantic import ValidationError

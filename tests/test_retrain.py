@@ -29,11 +29,15 @@ def test_never_beside_a_run_in_flight_and_at_most_one_per_interval():
     assert retrain_reason(policy, stamps(9), NOW, in_flight=False, last_start=NOW - timedelta(minutes=11)) == "threshold"
 
 
-def test_max_wait_retrains_a_few_labels_that_waited_long_enough():
-    policy = RetrainPolicy(min_new_labels=100, max_wait_s=3600)
+def test_max_interval_retrains_at_least_that_often_while_any_label_is_new():
+    policy = RetrainPolicy(min_new_labels=100, max_interval_s=3600)
+    # the last run started three hours ago: a label made a minute ago starts one now
+    assert retrain_reason(policy, stamps(1, minutes_ago=1), NOW, False, last_start=NOW - timedelta(hours=3)) == "max_interval"
+    assert retrain_reason(policy, stamps(1, minutes_ago=1), NOW, False, last_start=NOW - timedelta(minutes=30)) is None
+    # before the first run, the oldest new label's age counts
     assert retrain_reason(policy, stamps(1, minutes_ago=30), NOW, False, None) is None
-    assert retrain_reason(policy, stamps(1, minutes_ago=61), NOW, False, None) == "max_wait"
-    assert retrain_reason(policy, {}, NOW, False, None) is None  # nothing new: nothing to train
+    assert retrain_reason(policy, stamps(1, minutes_ago=61), NOW, False, None) == "max_interval"
+    assert retrain_reason(policy, {}, NOW, False, last_start=NOW - timedelta(days=9)) is None  # nothing new: nothing to train
     assert retrain_reason(RetrainPolicy(min_new_labels=100), stamps(1, minutes_ago=6000), NOW, False, None) is None  # off by default
 
 

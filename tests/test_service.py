@@ -229,46 +229,51 @@ def test_receiver_rejects_a_wrong_secret_and_bad_bodies(stack):
 
 def test_labels_at_human_pace_start_one_run_each_time_n_are_new_none_lost_none_twice(stack):
     """The event path with labels at the pace people label. N labels 1-5 s apart (bursts, pauses)
-    start exactly one run within 30 s of the N-th; labels made while it trains count toward the
-    next run, also those whose webhook hit a receiver that was down (restarted between labels);
-    the next N start exactly one more run, gated against the first champion, holding each of
-    those labels once."""
+    start exactly one run within 30 s of the N-th, and two more a second apart, before that run
+    exists, start no second one. Labels made while it trains count toward the next run. Then the
+    receiver is restarted between labels (one webhook hits it down) while the count is below N:
+    the N-th new label still starts exactly one run within 30 s, gated against the first champion,
+    holding each label of the second batch once."""
+    from rmflow.infra import labelstudio_api as lst
     from rmflow.infra import stack as st
 
     api, project = stack["api"], "svc-events"
     since = datetime.now(timezone.utc)
-    project_id, first = new_tasks(project, N, seed=1)
+    project_id, first = new_tasks(project, N + 2, seed=1)
     before_n = []
-    labelled = label_at_human_pace(project_id, first, seed=1,
+    labelled = label_at_human_pace(project_id, first[:N], seed=1,
                                    between=lambda i: before_n.append(len(flow_runs(api, PIPELINE, since, project))) if i == N - 1 else None)
+    for task_id in first[N:]:  # a person keeps going after the N-th
+        time.sleep(1)
+        lst.simulate_annotators(project_id, annotators=1, noise=0.3, seed=1, task_ids=[task_id])
     assert before_n == [0]  # nothing started below the threshold
     run = wait_for_runs(api, since, project, timeout_s=60)[0]
     started = datetime.fromisoformat(wait_started(api, run["id"])["start_time"])
     record_latency("event path, human pace", (started - labelled).total_seconds())
     assert (started - labelled).total_seconds() <= 30, (started, labelled)
 
-    # labels made while it trains, one of them while the receiver is down (its webhook is lost)
+    # labels made while it trains count toward the next run
     wait_past_collection(api, run["id"])
     during = N // 2
     project_id, second = new_tasks(project, N, seed=2)
-
-    def restart_receiver(i: int) -> None:
-        if i == 3:
-            st.receiver_service().stop()
-        if i == 4:
-            st.up(True, serve=serve_settings(stack["params"]))
-
-    label_at_human_pace(project_id, second[:during], seed=2, between=restart_receiver)
+    label_at_human_pace(project_id, second[:during], seed=2)
     done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
-    wait_for_count(stack, project, during)  # counted from Label Studio after the watermark moved: none lost
-    assert [r["id"] for r in flow_runs(api, PIPELINE, since, project)] == [run["id"]]
+    assert flow_result(api, run["id"])["new_rankings"] == str(N + 2)
+    wait_for_count(stack, project, during)  # counted from Label Studio after the watermark moved
+    assert [r["id"] for r in flow_runs(api, PIPELINE, since, project)] == [run["id"]]  # cancelled ones included
     versions = model_versions(f"{project}-reward")
     assert len(versions) == 1 and versions[0].tags["validation_status"] == "passed"
     assert "vs_champion" not in gate_checks(api, run["id"])
 
+    def restart_receiver(i: int) -> None:  # below N, nothing in flight: the count lives only in the receiver and Label Studio
+        if i == 1:
+            st.receiver_service().stop()
+        if i == 2:  # label 2's webhook found nobody
+            st.up(True, serve=serve_settings(stack["params"]))
+
     since2 = datetime.now(timezone.utc)
-    labelled2 = label_at_human_pace(project_id, second[during:], seed=3)
+    labelled2 = label_at_human_pace(project_id, second[during:], seed=3, between=restart_receiver)
     retrain = wait_for_runs(api, since2, project, timeout_s=60)[0]
     started2 = datetime.fromisoformat(wait_started(api, retrain["id"])["start_time"])
     assert (started2 - labelled2).total_seconds() <= 30, (started2, labelled2)
