@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    p.add_argument("--tokenizer", default="minilm", help="The decoder's tokenizer: `minilm` or a folder of its files.")
     p.add_argument("--limit", type=int, default=None, help="Use only the first N hh-rlhf records.")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--pairs-per-step", type=int, default=32)
@@ -59,13 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def random_decoder(size: str, out: Path, device: str) -> int:
-    """Saves a random Qwen2-shaped decoder (with the MiniLM tokenizer) to `out`; returns its
-    non-embedding parameter count."""
+def random_decoder(size: str, out: Path, device: str, tokenizer: str = "minilm") -> int:
+    """Saves a random Qwen2-shaped decoder (with the MiniLM tokenizer, or the one in the folder
+    `tokenizer`) to `out`; returns its non-embedding parameter count."""
     from transformers import Qwen2Config, Qwen2Model
 
     hidden, layers, heads, kv, inter = SIZES[size]
-    tok = load_tokenizer(resolve_backbone("minilm"))
+    tok = load_tokenizer(resolve_backbone(tokenizer))
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
                       pad_token_id=tok.pad_token_id)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         data = prepare("hh-rlhf", args.shared, Path(work), args.limit)
         backbone = Path(work) / "decoder"
-        params = random_decoder(args.size, backbone, args.device)
+        params = random_decoder(args.size, backbone, args.device, args.tokenizer)
         cfg = RunConfig.model_validate({
             "model": {"backbone": str(backbone), "max_length": args.max_length, "head": "scalar", "dtype": "bfloat16"},
             "optim": {"pairs_per_step": args.pairs_per_step, "max_tokens_per_forward": args.max_tokens, "lr": 1e-5},
