@@ -26,9 +26,11 @@ def label_sensor(params: PipelineParams = PipelineParams(), policy: RetrainPolic
     `reward-pipeline` deployment run unless one is in flight (it will consume these labels);
     `use_deployment=False` runs it as a subflow (tests)."""
     logger = get_run_logger()
+    # runs first, watermark second: a run advances the watermark before it leaves the in-flight
+    # states, so a run that ended since is never missed with its labels still counted as new
+    activity = pipeline_activity_task() if use_deployment else PipelineActivity([], None)
     watermark = read_watermark(data_root(params))
     pending = new_annotations_task(params.project, watermark)
-    activity = pipeline_activity_task() if use_deployment else PipelineActivity([], None)
     reason = retrain_reason(policy, pending, datetime.now(timezone.utc), bool(activity.in_flight), activity.last_start)
     summary = {"triggered": reason is not None, "new_annotations": len(pending), "reason": reason}
     if reason is None:

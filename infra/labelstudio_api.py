@@ -99,13 +99,19 @@ def connect(url: str | None = None, token: str | None = None, attempts: int = 4)
     raise LabelStudioError(f"Label Studio at {url} is unreachable after {attempts} attempts ({last})")
 
 
+def find_project(ls: LabelStudio, title: str) -> int | None:
+    """The id of the project with this title, or None."""
+    with api_errors():
+        return next((p.id for p in ls.projects.list() if p.title == title), None)
+
+
 def ensure_project(ls: LabelStudio, title: str, k: int = DEFAULT_RESPONSES) -> int:
     """The project with this title; created with a K-response ranking config if missing (`k` only
     matters then)."""
+    found = find_project(ls, title)
+    if found is not None:
+        return found
     with api_errors():
-        for p in ls.projects.list():
-            if p.title == title:
-                return p.id
         return ls.projects.create(title=title, label_config=ranking_config(k)).id
 
 
@@ -234,9 +240,13 @@ def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = Non
     return sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"])
 
 
-def unconsumed_annotations(ls: LabelStudio, project_id: int, watermark: Watermark) -> dict[str, str | None]:
+def unconsumed_annotations(ls: LabelStudio, project: str, watermark: Watermark) -> dict[str, str | None]:
     """The project's submitted (not cancelled) annotations that the watermark has not consumed, as
-    annotation id → `updated_at`; only tasks updated after the watermark are fetched."""
+    annotation id → `updated_at`; only tasks updated after the watermark are fetched. Counting
+    never creates the project (a typo in a shared Label Studio would): none, no labels."""
+    project_id = find_project(ls, project)
+    if project_id is None:
+        return {}
     tasks = pull_tasks(ls, project_id, updated_after=watermark.at)
     return {str(a["id"]): annotation_stamp(a) for t in tasks for a in t.get("annotations") or []
             if isinstance(a, dict) and not a.get("was_cancelled") and watermark.is_new(a.get("id"), annotation_stamp(a))}

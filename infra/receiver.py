@@ -179,7 +179,7 @@ async def recount(count: LabelCount) -> None:
 
     def fetch(watermark: Watermark) -> dict[str, str | None]:
         ls = lst.connect(attempts=1)
-        return lst.unconsumed_annotations(ls, lst.ensure_project(ls, count.watch.project), watermark)
+        return lst.unconsumed_annotations(ls, count.watch.project, watermark)
 
     before = dict(count.pending)
     watermark = count.watermark
@@ -199,6 +199,13 @@ async def decide(count: LabelCount, prefect_api: str) -> str | None:
     from rmflow.infra.pipeline_runs import pipeline_activity
 
     async with count.deciding:
+        if not count.pending:
+            return None
+        asked = count.fired_at
+        since = asked - timedelta(seconds=2) if asked else None  # the server stamps the run, this process the request
+        # runs first, watermark second: a run advances the watermark before it leaves the in-flight
+        # states, so a run that ended since is never missed with its labels still counted as new
+        activity = await anyio.to_thread.run_sync(pipeline_activity, count.watch.deployment, since)
         async with count.lock:
             count.sync_watermark()
             if not count.pending or count.stale:  # a run just landed: recount first (the next tick does)
@@ -206,8 +213,6 @@ async def decide(count: LabelCount, prefect_api: str) -> str | None:
             pending, watermark = dict(count.pending), count.watermark
             asked = count.fired_at if count.fired_for == watermark.at else None
             fired_count = count.fired_count
-        since = asked - timedelta(seconds=2) if asked else None  # the server stamps the run, this process the request
-        activity = await anyio.to_thread.run_sync(pipeline_activity, count.watch.deployment, since)
         now = datetime.now(timezone.utc)
         in_flight = bool(activity.in_flight)
         same = None

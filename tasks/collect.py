@@ -121,11 +121,10 @@ def _merge_changes(ls: Any, project_id: int, old_tasks: list[dict[str, Any]], si
 collect_task = task(pull_snapshot, name="collect", retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])
 
 
-def new_annotations(project: str, watermark: Watermark, url: str | None = None) -> dict[str, str]:
+def new_annotations(project: str, watermark: Watermark, url: str | None = None) -> dict[str, str | None]:
     """The project's submitted (not cancelled) annotations that the watermark has not consumed, as
-    annotation id → `updated_at`; only tasks updated after the watermark are fetched."""
-    ls = connect(url)
-    return unconsumed_annotations(ls, ensure_project(ls, project), watermark)
+    annotation id → `updated_at` (none while the project does not exist)."""
+    return unconsumed_annotations(connect(url), project, watermark)
 
 
 new_annotations_task = task(new_annotations, name="new-annotations", retries=3, retry_delay_seconds=[2, 5, 10], tags=["label-studio"])

@@ -284,6 +284,7 @@ def test_a_relative_rmflow_home_is_made_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RMFLOW_HOME", "state/rmflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set by earlier tests that configured MLflow
     assert rmflow_home() == tmp_path / "state" / "rmflow"
     # what `up` hands MLflow: a relative path is no file URI at all
     assert Path(mlflow_artifact_root()).as_uri().startswith("file:///")
