@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rmcore.atomic import write_atomic
 from rmcore.paths import rmflow_home
 from rmflow.infra.process import ManagedService, ServiceError, exit_status, free_port, wait_healthy
 
@@ -72,9 +73,10 @@ def credentials() -> dict[str, str]:
         if os.environ.get(env):
             out[key] = os.environ[env]
             continue
-        if not path.is_file():
-            path.touch(mode=0o600)
-            path.write_text(make())
+        if not path.is_file():  # written whole, the first writer winning
+            write_atomic(path, make(), mode=0o600, replace=False)
+        elif not path.read_text().strip():  # left empty by an older rmflow that crashed mid-write
+            write_atomic(path, make(), mode=0o600)
         out[key] = path.read_text().strip()
     return out
 
@@ -166,7 +168,5 @@ def create_user(email: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise ServiceError(f"could not create Label Studio user {email}: {proc.stderr[-500:].replace(token, '***')}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(token)
+    write_atomic(path, token, mode=0o600)
     return token

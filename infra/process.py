@@ -21,7 +21,6 @@ import os
 import secrets
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from rmcore.atomic import write_atomic
 
 log = logging.getLogger("rmflow.infra")
 
@@ -125,17 +126,7 @@ class ManagedService:
     def _write(self, state: dict[str, Any]) -> None:
         """Replaces the state file in one step: a reader (or a crash) sees the old state or the new one,
         never half of one."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".state.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.state_file, json.dumps(state))
 
     def _ours(self, state: dict[str, Any]) -> bool:
         try:

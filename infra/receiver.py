@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -41,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rmcore.atomic import write_atomic
 from rmcore.names import LABELS_READY_EVENT, PIPELINE_DEPLOYMENT, project_resource
 from rmcore.paths import rmflow_home
 from rmcore.retrain import RetrainPolicy, retrain_reason
@@ -58,26 +58,6 @@ def receiver_home() -> Path:
     return rmflow_home() / "receiver"
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644, replace: bool = True) -> None:
-    """Writes `path` whole or not at all. With `replace=False` an existing file wins (two first
-    writers of a secret must not end up with different ones)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def webhook_secret() -> str:
     """RMFLOW_WEBHOOK_SECRET, else one generated once and kept in a mode-600 file (written whole,
     the first writer winning). An empty secret is refused: an empty bearer must never be accepted."""
@@ -85,9 +65,9 @@ def webhook_secret() -> str:
     if secret is None:
         path = receiver_home() / "secret"
         if not path.is_file():
-            _write_atomic(path, secrets.token_urlsafe(32), mode=0o600, replace=False)
+            write_atomic(path, secrets.token_urlsafe(32), mode=0o600, replace=False)
         elif not path.read_text().strip():  # left empty by an older rmflow that crashed mid-write
-            _write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
+            write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
         secret = path.read_text()
     if not secret.strip():
         raise ValueError("the webhook secret is empty (RMFLOW_WEBHOOK_SECRET); set a non-empty one")
@@ -108,7 +88,7 @@ def watches_file() -> Path:
 
 
 def write_watches(watches: list[ProjectWatch]) -> None:
-    _write_atomic(watches_file(), json.dumps([w.model_dump(mode="json") for w in watches], indent=1, sort_keys=True))
+    write_atomic(watches_file(), json.dumps([w.model_dump(mode="json") for w in watches], indent=1, sort_keys=True))
 
 
 def read_watches() -> dict[str, ProjectWatch]:
@@ -146,7 +126,7 @@ class LabelCount:
             pass  # absent or unreadable: Label Studio has the truth, recounted at the first tick
 
     def save(self) -> None:
-        _write_atomic(self.path, json.dumps({"project": self.watch.project, "watermark": self.watermark.model_dump(), "pending": self.pending, "fired_for": self.fired_for,
+        write_atomic(self.path, json.dumps({"project": self.watch.project, "watermark": self.watermark.model_dump(), "pending": self.pending, "fired_for": self.fired_for,
                                              "fired_count": self.fired_count,
                                              "fired_at": self.fired_at.isoformat() if self.fired_at else None}))
 

@@ -14,12 +14,12 @@ read afterwards), and a bare pull time would count the caught ones twice.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from rmcore.atomic import write_atomic
 
 WATERMARK_FILE = "watermark.json"
 
@@ -88,15 +88,6 @@ def advance_watermark(root: Path, watermark: Watermark) -> Watermark:
     current = read_watermark(root)
     if not watermark.later_than(current):
         return current
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".watermark-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"watermark": watermark.at, "consumed": watermark.consumed}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())  # a power cut leaves the old watermark or the new one, never an empty file
-        os.replace(tmp, root / WATERMARK_FILE)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # a power cut leaves the old watermark or the new one, never an empty file
+    write_atomic(Path(root) / WATERMARK_FILE, json.dumps({"watermark": watermark.at, "consumed": watermark.consumed}, sort_keys=True))
     return watermark

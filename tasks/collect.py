@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 from prefect import task
 
+from rmcore.atomic import write_atomic
 from rmcore.contracts import LabelSnapshot
 from rmcore.watermark import Watermark, latest, parse_time
 from rmflow.infra.labelstudio_api import (
@@ -43,13 +42,6 @@ from rmflow.infra.labelstudio_api import (
 # stamp taken before it, their commit after) and the Date header's rounding down to the second
 LOOKBACK_S = 60
 LATEST = "latest.json"
-
-
-def _write_atomic(path: Path, blob: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
 
 
 def previous_snapshot(root: Path, project: str) -> tuple[dict[str, Any], str | None] | None:
@@ -89,9 +81,9 @@ def pull_snapshot(project: str, root: Path, url: str | None = None, full: bool =
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
     if not path.is_file():  # written whole or not at all: two runs pulling the same labels agree on its bytes
-        _write_atomic(path, blob)
+        write_atomic(path, blob)
     cursor = (parse_time(started) - timedelta(seconds=lookback_s)).isoformat()
-    _write_atomic(folder / LATEST, json.dumps({"snapshot": path.name, "cursor": cursor}).encode())
+    write_atomic(folder / LATEST, json.dumps({"snapshot": path.name, "cursor": cursor}).encode())
     return LabelSnapshot(project=project, snapshot=str(path), tasks=len(tasks),
                          annotations=sum(len(t.get("annotations") or []) for t in tasks), cursor=cursor,
                          fetched=len(tasks) if fetched is None else fetched, deleted=deleted, incremental=previous is not None)

@@ -1,4 +1,5 @@
-"""The webhook receiver's own pieces (the whole path runs against the real stack in test_service.py)."""
+"""The webhook receiver's own pieces and the state files it writes (the whole path runs against the real stack in
+test_service.py)."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +52,14 @@ def test_the_count_holds_each_unconsumed_annotation_once_and_drops_what_a_run_co
     advance_watermark(root, Watermark(at=stamp.format(3), consumed={"1": stamp.format(5)}))
     again.sync_watermark()
     assert again.pending == {} and again.stale  # recounted from Label Studio at the next tick
+
+
+def test_state_is_written_whole_and_a_secret_by_its_first_writer(tmp_path):
+    from rmcore.atomic import write_atomic
+
+    path = tmp_path / "a" / "secret"
+    assert write_atomic(path, "one", mode=0o600, replace=False)
+    assert not write_atomic(path, "two", mode=0o600, replace=False)  # a second first writer loses
+    assert path.read_text() == "one" and path.stat().st_mode & 0o777 == 0o600
+    assert write_atomic(path, b"three") and path.read_text() == "three"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["secret"]  # no temporary file left behind
