@@ -215,29 +215,34 @@ def task_query(updated_after: str | None = None, id_after: int | None = None) ->
     return json.dumps({"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]})
 
 
-def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = None, page_size: int = PAGE_SIZE,
-               on_page: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Tasks with their annotations, sorted by id: every task, or only those updated after
-    `updated_after` (filtered by the server).
-
-    Paged by id, not by page number: each page asks for the tasks above the last id read, so a task
-    deleted (or created) while earlier pages are read shifts nothing and no task is skipped.
-    `on_page(n)` is called after the n-th page is read (progress; tests change the project there)."""
-    tasks: list[dict[str, Any]] = []
+def _pages_by_id(ls: LabelStudio, project_id: int, updated_after: str | None, page_size: int,
+                 on_page: Callable[[int], None] | None = None, **fields: str) -> Iterator[list[Any]]:
+    """The project's tasks a page at a time, paged by id, not by page number: each page asks for the
+    tasks above the last id read, so a task deleted (or created) while earlier pages are read shifts
+    nothing and no task is skipped. Ends at an empty page, not a short one: a server may cap
+    page_size below ours (TASK_API_PAGE_SIZE_MAX). `on_page(n)` is called after the n-th page."""
     last_id, pages = None, 0
     with api_errors():
         while True:
-            page = ls.tasks.list(project=project_id, fields="all", query=task_query(updated_after, last_id), page=1,
-                                 page_size=page_size).items or []
-            tasks += [_stable(t.model_dump(mode="json")) for t in page]
+            page = ls.tasks.list(project=project_id, query=task_query(updated_after, last_id), page=1, page_size=page_size,
+                                 **fields).items or []
             pages += 1
-            if page:
-                last_id = max(t.id for t in page)
             if on_page is not None:
                 on_page(pages)
-            if not page:  # not a short page: a server may cap page_size below ours (TASK_API_PAGE_SIZE_MAX)
-                break
-    return sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"])
+            if not page:
+                return
+            yield page
+            last_id = max(t.id for t in page)
+
+
+def pull_tasks(ls: LabelStudio, project_id: int, updated_after: str | None = None, page_size: int = PAGE_SIZE,
+               on_page: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Tasks with their annotations, sorted by id: every task, or only those updated after
+    `updated_after` (filtered by the server). `on_page(n)` is called after the n-th page is read
+    (progress; tests change the project there)."""
+    tasks = [_stable(t.model_dump(mode="json")) for page in _pages_by_id(ls, project_id, updated_after, page_size, on_page, fields="all")
+             for t in page]
+    return sorted(tasks, key=lambda t: t["id"])
 
 
 def unconsumed_annotations(ls: LabelStudio, project: str, watermark: Watermark) -> dict[str, str | None]:
@@ -290,8 +295,7 @@ def project_task_count(ls: LabelStudio, project_id: int) -> int:
 def task_ids(ls: LabelStudio, project_id: int) -> set[int]:
     """Every task id of the project (no data, no annotations): which tasks exist, for finding
     deleted ones."""
-    with api_errors():
-        return {t.id for t in ls.tasks.list(project=project_id, fields="task_only", include="id", page_size=5000)}
+    return {t.id for page in _pages_by_id(ls, project_id, None, 5000, fields="task_only", include="id") for t in page}
 
 
 def label_config(ls: LabelStudio, project_id: int) -> str:
