@@ -116,7 +116,19 @@ class OptimConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = at the end only).")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate on the validation split every N optimiser steps. 0 = auto: 5 evaluations a run "
+        "(the last at the end) when `select_best` is on, else at the end only. Each evaluation scores the validation split "
+        "once (a forward pass; the time it adds is measured in bench/RESULTS.md).",
+    )
+    select_best: bool = Field(
+        True, description="Keep the best evaluated state (highest validation accuracy, ties by lower validation loss) "
+        "and save it instead of the last one; a CPU copy of the weights is held. Needs a validation split (else off).",
+    )
+    early_stopping_patience: int = Field(
+        3, ge=0, description="With `select_best`: stop training after this many evaluations in a row without a better "
+        "state (0 = never stop early). Counts evaluations, not steps.",
+    )
 
 
 class ScaleConfig(_Strict):

@@ -37,6 +37,7 @@ class WorkerContext:
     report: Callable[[dict[str, Any]], None] | None = None
     resume: dict[str, Any] | None = None
     show_progress: bool = True
+    checkpoint_at_eval: bool = False  # also checkpoint at every evaluation (Tune trials: each report resumable)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +127,7 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
     summary = loop.run() | {"packing": packing}
     summary["dataset_version"] = read_manifest(data_dir)["version"]
-    full = full_model_state(model)  # every rank: a collective when sharded
+    full = loop.saved_state()  # every rank: a collective when sharded
     if out_dir is not None and ctx.rank == 0:
         model.save_pretrained(out_dir, tokenizer, state_dict=full)
         summary["model_dir"] = str(out_dir)
@@ -151,6 +152,7 @@ class _Loop:
         self.micro = self.resumed_from = 0
         self.trained = np.zeros(len(train_groups), dtype=np.int64)
         self.history: list[dict[str, Any]] = []
+        self.best = _Best(cfg, self.total_steps, any(g.num_pairs for g in self.val_groups))
         if ctx.resume:
             self._restore(ctx.resume)
 
@@ -160,6 +162,7 @@ class _Loop:
         self.micro = self.resumed_from = state["micro"]
         self.trained = np.asarray(state["trained"], dtype=np.int64)
         torch.set_rng_state(state["rng"])
+        self.best.restore(state.get("best"))
 
     def state(self) -> dict[str, Any]:
         """The resumable state (every rank calls it: a collective when sharded; rank 0 holds the tensors)."""
@@ -171,15 +174,16 @@ class _Loop:
             "micro": self.micro,
             "trained": self.trained.tolist(),
             "rng": torch.get_rng_state(),
+            "best": self.best.checkpoint(),
         }
 
     def _micro_batches(self):
         """(epoch, position) → batch, from `self.micro` on, so a resumed run continues in place."""
-        while self.micro < self.total_micro:
+        while self.micro < self.total_micro and self.best.stopped_at is None:
             epoch, pos = divmod(self.micro, self.micro_per_epoch)
             steps = self.plan.steps(epoch)
             for batch, counts in steps[pos:]:
-                if self.micro >= self.total_micro:
+                if self.micro >= self.total_micro or self.best.stopped_at is not None:  # early stopping
                     return
                 yield batch, counts
 
@@ -205,7 +209,7 @@ class _Loop:
                 self._after_step()
         progress.close()
         train_s = time.perf_counter() - started
-        final = self._evaluate()
+        final = self._select_final()
         pairs = np.array([g.num_pairs for g in self.train_groups])
         truncated = np.array([g.truncated_pairs for g in self.train_groups])
         return {
@@ -215,7 +219,13 @@ class _Loop:
             "pairs_this_attempt": pairs_this_run,
             "pairs_per_s": round(pairs_this_run / train_s, 3) if train_s else 0.0,
             "steps": self.total_steps,
+            "steps_run": self._step(),
+            "eval_every": self.best.every,
+            "best_step": self.best.step,  # the step whose weights were saved (None: the last, no selection)
+            "best_val_accuracy": self.best.metrics["accuracy"] if self.best.metrics else None,
+            "stopped_early_at": self.best.stopped_at,
             "val_accuracy": final["accuracy"],
+            "val_loss": final["loss"],
             "val_ece": final["ece"],
             "val_margin_mean": final["margin_mean"],
             "val_pairs": final["n"],
@@ -230,22 +240,114 @@ class _Loop:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def _step(self) -> int:
+        return math.ceil(self.micro / self.cfg.optim.grad_accum)
+
     def _after_step(self) -> None:
-        step = math.ceil(self.micro / self.cfg.optim.grad_accum)
-        every_eval, every_ckpt = self.cfg.optim.eval_every, self.cfg.scale.checkpoint_every
+        step, every_ckpt = self._step(), self.cfg.scale.checkpoint_every
         metrics: dict[str, Any] = {"step": step, "lr": self.sched.get_last_lr()[0]}
-        if every_eval and step % every_eval == 0 and step < self.total_steps:
-            metrics |= {f"val_{k}": v for k, v in self._evaluate().items()}
+        evaluated = bool(self.best.every) and step % self.best.every == 0 and step < self.total_steps
+        if evaluated:
+            result = self._evaluate()
+            metrics |= {f"val_{k}": v for k, v in result.items()}
             self.history.append(metrics)
-            if self.ctx.report:
-                self.ctx.report(metrics)
-        if self.ctx.save_checkpoint and every_ckpt and step % every_ckpt == 0 and step < self.total_steps:
-            self.ctx.save_checkpoint(self.state(), metrics)
+            self.best.consider(step, result, self._weights)
+        checkpoint = bool(self.ctx.save_checkpoint) and step < self.total_steps and (
+            (every_ckpt and step % every_ckpt == 0) or (evaluated and self.ctx.checkpoint_at_eval))
+        if checkpoint:
+            self.ctx.save_checkpoint(self.state(), metrics)  # reports the metrics with the checkpoint: one report a step
+        elif evaluated and self.ctx.report:
+            self.ctx.report(metrics)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the full weights (every rank calls: a collective when sharded; rank 0 holds them)."""
+        full = full_model_state(self.model)
+        if full is not None:
+            return full
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def _select_final(self) -> dict[str, Any]:
+        """The validation metrics of the state to save: the final state when it scores strictly higher than
+        every evaluated one, else the best (its weights are loaded back; sharded, rank 0 saves them from
+        `saved_state`)."""
+        step = self._step()
+        final = self.best.last[1] if self.best.last and self.best.last[0] == step else self._evaluate()
+        if not self.best.on or self.best.metrics is None or self.best.step == step or _rank(final) > _rank(self.best.metrics):
+            self.best.keep_final(step, final)
+            return final
+        if not is_sharded(self.model):
+            self.model.load_state_dict({k: v.to(self.ctx.device) for k, v in self.best.weights.items()})
+        self.best.selected_earlier = True
+        return self.best.metrics
+
+    def saved_state(self) -> dict[str, Any] | None:
+        """The full state dict to save (sharded), None when the module's own weights are the ones to save."""
+        if self.best.selected_earlier and is_sharded(self.model):
+            return self.best.weights
+        return full_model_state(self.model)
 
     def _evaluate(self) -> dict[str, Any]:
         rewards = score_groups(self.model, self.val_groups, self.pad_id, self.ctx.device, self.cfg.optim.max_tokens_per_forward,
                                self.packing)
-        return scalar_metrics(evaluate_rewards(self.val_rows, rewards).metrics)
+        evaluation = evaluate_rewards(self.val_rows, rewards)
+        diffs = evaluation.diffs
+        # the Bradley-Terry loss on the validation pairs: the tie-break between equally accurate states
+        loss = float(np.logaddexp(0.0, -diffs).mean()) if len(diffs) else float("nan")
+        return scalar_metrics(evaluation.metrics) | {"loss": loss}
+
+
+EVALS_PER_RUN = 5  # eval_every = 0 with select_best: evaluations a run, the last at the end
+
+
+class _Best:
+    """Best-state selection and early stopping over one run's evaluations: the highest validation
+    accuracy, ties by the lower validation loss; training stops after `patience` evaluations in a row
+    without a better state."""
+
+    def __init__(self, cfg: RunConfig, total_steps: int, has_validation: bool) -> None:
+        self.on = cfg.optim.select_best and has_validation
+        self.every = cfg.optim.eval_every or (math.ceil(total_steps / EVALS_PER_RUN) if self.on else 0)
+        self.patience = cfg.optim.early_stopping_patience if self.on else 0
+        self.step: int | None = None
+        self.metrics: dict[str, Any] | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.since = 0
+        self.stopped_at: int | None = None
+        self.last: tuple[int, dict[str, Any]] | None = None
+        self.selected_earlier = False
+
+    def consider(self, step: int, metrics: dict[str, Any], weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.last = (step, metrics)
+        if not self.on:
+            return
+        if self.metrics is None or _rank(metrics) > _rank(self.metrics):
+            self.step, self.metrics, self.weights, self.since = step, metrics, weights(), 0
+            return
+        self.since += 1
+        if self.patience and self.since >= self.patience:
+            self.stopped_at = step
+
+    def keep_final(self, step: int, metrics: dict[str, Any]) -> None:
+        """The final state is saved: it is the selected one."""
+        if self.on:
+            self.step, self.metrics, self.weights = step, metrics, None
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        if self.metrics is None:
+            return None
+        return {"step": self.step, "metrics": self.metrics, "weights": self.weights or {}, "since": self.since,
+                "stopped_at": self.stopped_at}
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.step, self.metrics = saved["step"], saved["metrics"]
+            self.weights = {k: v.cpu() for k, v in saved["weights"].items()}
+            self.since, self.stopped_at = saved["since"], saved["stopped_at"]
+
+
+def _rank(metrics: dict[str, Any]) -> tuple[float, float]:
+    nan_low = lambda x: -math.inf if x is None or math.isnan(x) else x  # noqa: E731
+    return nan_low(metrics["accuracy"]), -(math.inf if math.isnan(metrics["loss"]) else metrics["loss"])
 
 
 class _progress:
