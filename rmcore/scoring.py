@@ -1,8 +1,11 @@
-"""Scoring (prompt, response) pairs with a saved reward model — the consumer-side API.
+"""Scoring (prompt, response) pairs with a saved reward model folder — the consumer-side API.
 
-    from rmcore.scoring import load_scorer
-    scorer = load_scorer("models:/rmflow-reward@champion")
+    from rmcore.scoring import RewardScorer
+    scorer = RewardScorer("path/to/model")
     rewards = scorer.score(["How do I brew tea?"], ["Steep it for three minutes."])
+
+Registry URIs (`models:/NAME@champion`) are resolved by `rmflow.infra.model_uri.load_scorer`:
+rmcore does no service I/O.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 
 from rmcore.batching import Encoder, uses_chat_template
 from rmcore.inference import resolve_device, score_sequences
-from rmcore.model import META_FILE, RewardModel, read_meta
+from rmcore.model import RewardModel, read_meta
 
 
 class RewardScorer:
@@ -34,7 +37,11 @@ class RewardScorer:
         return [ids for ids, _ in self.encoder.encode(prompts, responses)]
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:
+    def score_ids(self, seqs: list[list[int]], batch_size: int = 64, max_tokens: int = 0) -> np.ndarray:
+        """Rewards of `seqs`: forward chunks of `batch_size` sequences, or, with `max_tokens`, of at
+        most that many padded tokens each (length-sorted: short texts are not padded to a long one)."""
+        if max_tokens:
+            return score_sequences(self.model, seqs, self.tokenizer.pad_token_id, self.device, max_tokens).cpu().numpy()
         out = [score_sequences(self.model, seqs[i:i + batch_size], self.tokenizer.pad_token_id, self.device, 0).cpu().numpy()
                for i in range(0, len(seqs), batch_size)]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
@@ -73,24 +80,3 @@ def reward_stats(scorer: RewardScorer, group_rows: list[dict], max_completions: 
     pairs = pairs[::step][:max_completions]
     rewards = scorer.score([p for p, _ in pairs], [c for _, c in pairs]).astype(np.float64)
     return {"mean": float(rewards.mean()), "std": float(rewards.std()), "n": len(pairs)}
-
-
-def resolve_model_uri(uri: str | Path) -> Path:
-    """A local model folder, or an MLflow URI (`models:/NAME@alias`, `models:/NAME/3`, `runs:/…`)
-    downloaded from the tracking server / registry named by MLFLOW_TRACKING_URI."""
-    text = str(uri)
-    if "://" not in text and ":/" not in text:
-        return Path(text)
-    import mlflow
-
-    from rmcore.paths import mlflow_tracking_uri
-
-    mlflow.set_tracking_uri(mlflow_tracking_uri())
-    local = Path(mlflow.artifacts.download_artifacts(text))
-    # a pyfunc logged by rmflow keeps the saved reward model folder under artifacts/
-    found = sorted(local.rglob(META_FILE))
-    return found[0].parent if found else local
-
-
-def load_scorer(uri: str | Path, device: str = "auto") -> RewardScorer:
-    return RewardScorer(resolve_model_uri(uri), device)

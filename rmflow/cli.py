@@ -165,7 +165,7 @@ def score(
     normalize: bool = typer.Option(False, help="(r - mean) / std with the training completions' reward statistics."),
 ) -> None:
     """Score (prompt, response) pairs with a reward model."""
-    from rmcore.scoring import load_scorer
+    from rmflow.infra.model_uri import load_scorer
 
     try:
         rewards = load_scorer(model).score(prompt, response, normalize=normalize).tolist()
@@ -184,12 +184,13 @@ def export(
     """Write a reward model as a standard Hugging Face checkpoint that TRL, OpenRLHF, vLLM and
     RewardBench load; its config.json carries the reward mean/std (OpenRLHF's names)."""
     from rmcore.export import export_hf
-    from rmcore.scoring import resolve_model_uri
+    from rmflow.infra.model_uri import model_folder
 
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty; choose a new folder")
     try:
-        written = export_hf(resolve_model_uri(model), out)
+        with model_folder(model) as folder:
+            written = export_hf(folder, out)
     except EXPECTED as e:
         fail(str(e))
     console.print(f"[green]exported[/] {written['architecture']} → {out}")
@@ -206,16 +207,32 @@ def serve_rm(
     max_wait_ms: float = typer.Option(5.0, help="After a request arrives, wait this long for more to batch with it."),
     refresh: float = typer.Option(10.0, help="Seconds between checks of the alias (a promotion is served within this)."),
     max_chars: int = typer.Option(32000, help="Longest text accepted (longer: HTTP 413)."),
+    max_queue: int = typer.Option(1024, help="Most texts admitted and not yet answered; beyond, HTTP 503 with Retry-After."),
+    max_body_mb: float = typer.Option(8.0, help="Largest request body in MiB (larger: HTTP 413)."),
+    max_tokens: int = typer.Option(4096, help="Most padded tokens per forward chunk (length-sorted chunks of a batch)."),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads per server process (0 = torch's default)."),
+    replicas: int = typer.Option(0, help="Serve N replicas as a Ray Serve deployment (RAY_ADDRESS or a local Ray; one GPU each "
+                                 "when present); 0 = one plain HTTP server process."),
 ) -> None:
     """Online reward server for RL trainers: OpenRLHF's POST /get_reward {"query": [...]}, and
-    POST /score {"prompt": [...], "response": [...]}; dynamic batching; follows the alias. Set
-    RMFLOW_RM_TOKEN to require `Authorization: Bearer <token>`."""
-    from rmflow.infra.reward_server import serve as run
+    POST /score {"prompt": [...], "response": [...]}; dynamic batching; follows the alias; GET /health
+    and Prometheus GET /metrics. Set RMFLOW_RM_TOKEN to require `Authorization: Bearer <token>`."""
+    from rmflow.infra.reward_server import ServerOptions
 
-    console.print(f"serving {model} on http://{host}:{port} (/get_reward, /score, /health)")
+    options = ServerOptions(token=os.environ.get("RMFLOW_RM_TOKEN") or None, normalize=normalize, max_batch=max_batch,
+                            max_wait_ms=max_wait_ms, refresh_s=refresh, max_chars=max_chars, max_queue=max_queue,
+                            max_body_bytes=int(max_body_mb * 1024 * 1024), max_tokens=max_tokens)
+    console.print(f"serving {model} on http://{host}:{port} (/get_reward, /score, /health, /metrics)"
+                  + (f" as {replicas} Ray Serve replicas" if replicas else ""))
     try:
-        run(model, host, port, os.environ.get("RMFLOW_RM_TOKEN") or None, normalize=normalize, max_batch=max_batch,
-            max_wait_ms=max_wait_ms, refresh_s=refresh, max_chars=max_chars)
+        if replicas:
+            from rmflow.infra.reward_serve_ray import serve_replicas
+
+            serve_replicas(model, host, port, options, replicas, torch_threads)
+        else:
+            from rmflow.infra.reward_server import serve as run
+
+            run(model, host, port, options, torch_threads)
     except EXPECTED as e:
         fail(str(e))
 

@@ -16,8 +16,8 @@ from rmcore.metrics import scalar_metrics
 from rmcore.names import CHAMPION
 from rmcore.paths import rmflow_home
 from rmcore.report import write_report
-from rmcore.scoring import load_scorer
 from rmflow.infra.mlflow_client import alias_version, configure_mlflow
+from rmflow.infra.model_uri import load_scorer
 
 
 def evaluate_version(registered: RegisteredModel, eval_data: Path, split: str = "test", eval_format: str | None = None) -> EvaluationResult:

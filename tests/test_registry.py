@@ -12,9 +12,10 @@ from rmcore.converters.common import ConversionResult
 from rmcore.dataset import write_preference_dataset
 from rmcore.gate import evaluate_gate, paired_bootstrap_diff
 from rmcore.records import Ranking
-from rmcore.scoring import RewardScorer, load_scorer
+from rmcore.scoring import RewardScorer
 from rmcore.synthetic import synthetic_items, synthetic_rankings
 from rmcore.train import train_reward_model
+from rmflow.infra.model_uri import load_scorer
 
 pytestmark = pytest.mark.services
 

@@ -155,6 +155,81 @@ def test_after_a_promotion_the_server_serves_the_new_champion_without_a_restart(
         registry["client"].set_registered_model_alias(NAME, "champion", registry["versions"][0])
 
 
+def corrupt_weights(client, name: str, version: str) -> None:
+    """A bad upload: the version's registered weights in the artifact store overwritten with junk."""
+    from urllib.parse import urlparse
+
+    source = client.get_model_version(name, version).source  # models:/m-<id> in MLflow 3
+    root = Path(urlparse(client.get_logged_model(source.rsplit("/", 1)[-1]).artifact_location).path)
+    weights = list(root.rglob("*.safetensors"))
+    assert weights, f"no weights under {root}"
+    for w in weights:
+        w.write_bytes(b"not a safetensors file")
+
+
+def test_a_version_that_fails_to_load_backs_off_while_the_old_one_serves(registry, tiny_qwen2, tmp_path, monkeypatch):
+    import threading
+
+    import uvicorn
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rmflow.infra.reward_server import ModelHolder, ServerOptions, create_app
+    from rmflow.tasks.register import register_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    client = registry["client"]
+    broken = register_model(NAME, decoder(tmp_path / "m3", tiny_qwen2, 3)).version
+    corrupt_weights(client, NAME, broken)
+    downloads = tmp_path / "downloads"
+    holder = ModelHolder(f"models:/{NAME}@champion", backoff_s=1.5, download_root=downloads)
+    port = free_port(18680)
+    server = uvicorn.Server(uvicorn.Config(create_app(holder, ServerOptions(refresh_s=0.2)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    prompts, responses = inputs(2, 5)
+
+    def health_when(check, what: str) -> dict:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            health = httpx.get(f"{url}/health").json()
+            if check(health):
+                return health
+            time.sleep(0.05)
+        raise AssertionError(f"{what}: {health}")
+
+    def metric(name: str, **labels: str) -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name and s.labels == labels)
+
+    try:
+        wait_healthy(f"{url}/health", 60, alive=thread.is_alive)
+        client.set_registered_model_alias(NAME, "champion", broken)
+        first = health_when(lambda h: (h["load_failure"] or {}).get("attempts") == 1, "the broken version's failure never showed")
+        seen_first = time.monotonic()
+        assert first["status"] == "degraded" and first["version"] == registry["versions"][0]
+        assert first["load_failure"]["version"] == broken and "deserializing header" in first["load_failure"]["error"]
+        got = httpx.post(f"{url}/score", json={"prompt": prompts, "response": responses}).raise_for_status().json()
+        assert got["version"] == registry["versions"][0]  # the old version keeps serving
+        # retried after the backoff (1.5 s), not at every 0.2 s refresh; the next wait doubles
+        second = health_when(lambda h: (h["load_failure"] or {}).get("attempts") == 2, "no retry after the backoff")
+        assert time.monotonic() - seen_first >= 1.5 - 0.3 and second["load_failure"]["backoff_s"] == 3.0
+        assert metric("rmflow_rm_swaps_failed_total", version=broken) == 2
+        assert metric("rmflow_rm_load_failure", version=broken) == 1
+        assert not list(downloads.iterdir())  # each failed try's download is gone
+        # a good promotion swaps in and clears the failure; its download is gone too
+        client.set_registered_model_alias(NAME, "champion", registry["versions"][1])
+        fine = health_when(lambda h: h["version"] == registry["versions"][1], "the good version never swapped in")
+        assert fine["status"] == "ok" and fine["load_failure"] is None
+        assert metric("rmflow_rm_swaps_total") == 1 and metric("rmflow_rm_model_version_info", version=registry["versions"][1]) == 1
+        assert not list(downloads.iterdir())
+    finally:
+        client.set_registered_model_alias(NAME, "champion", registry["versions"][0])
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_mlflow_models_serve_answers_invocations_like_in_process_scoring(registry):
     port = free_port(18700)
     proc = spawn([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{registry['versions'][0]}", "--env-manager", "local",
