@@ -38,7 +38,7 @@ fi
 stamp="$VENV/.rmflow-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench,team]"
   echo "$want" > "$stamp"
 fi
 
@@ -51,11 +51,20 @@ ensure_browser() {
     || echo "warning: could not install chromium; the browser tests will fail" >&2
 }
 
+# The team backends' tests and `rmflow up --team` run Debian's PostgreSQL (infra/postgres.py finds it).
+ensure_postgres() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing postgresql (apt-get) for the team-backend tests" >&2
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "warning: could not install postgresql; the team-backend tests will fail" >&2
+}
+
 # a failed background install is finished by `rmflow up` (infra/labelstudio.py ensure_installed)
 if [ -n "$ls_pid" ]; then wait "$ls_pid" || echo "label-studio install failed (see $ls_venv.log); rmflow up retries it" >&2; fi
 case "$cmd" in
   demo)   exec "$VENV/bin/rmflow" demo "$@" ;;
-  test)   ensure_browser; "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)   ensure_browser; ensure_postgres; "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest -q "$@" ;;
   bench)  exec "$VENV/bin/rmflow" bench "$@" ;;
   rmflow) exec "$VENV/bin/rmflow" "$@" ;;
   *) echo "usage: ./run.sh demo|test|bench|rmflow [args]" >&2; exit 2 ;;

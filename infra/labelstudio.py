@@ -10,6 +10,7 @@ bound to 127.0.0.1, an admin user and a legacy API token created headlessly.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ from typing import Any
 
 from rmcore.atomic import write_atomic
 from rmcore.paths import rmflow_home
-from rmflow.infra.process import ManagedService, ServiceError, exit_status, free_port, wait_healthy
+from rmflow.infra.process import ManagedService, Secret, ServiceError, exit_status, free_port, wait_healthy
 
 VERSION = "1.23.2"
 ADMIN = "admin@rmflow.local"
@@ -104,14 +105,17 @@ def _env(creds: dict[str, str]) -> dict[str, str]:
     }
 
 
-def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
-    """Starts Label Studio (or finds the one rmflow already runs) and waits for /health."""
+def up(port: int = 8080, timeout_s: float = 240, log=print, db: dict[str, str] | None = None) -> dict[str, Any]:
+    """Starts Label Studio (or finds the one rmflow already runs) and waits for /health. With `db`
+    (its DJANGO_DB and POSTGRE_* variables: infra/stack.labelstudio_db_env) it keeps its data in
+    that PostgreSQL database instead of SQLite; a server running on the other store is restarted."""
     svc = service()
     state = svc.state()
-    if state and state.get("url"):
+    database = Secret(json.dumps(db or {}, sort_keys=True))
+    if state and state.get("url") and (db is None and "database" not in state or database.matches(state.get("database"))):
         wait_healthy(f"{state['url']}/health", 30)
         return {"url": state["url"], "pid": state["pid"], "started": False}
-    if state:  # spawned by a start that died before Label Studio answered: stop it, or it runs unseen
+    if state:  # spawned by a start that died before Label Studio answered, or on another database: stop it
         svc.stop()
     exe = ensure_installed(log)
     creds = credentials()
@@ -119,14 +123,14 @@ def up(port: int = 8080, timeout_s: float = 240, log=print) -> dict[str, Any]:
     offset = svc.log_file.stat().st_size if svc.log_file.exists() else 0
     cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(ls_home() / "data"), "--username", ADMIN, "--enable-legacy-api-token"]
-    proc = svc.spawn(cmd, _env(creds), marker="label-studio")
+    proc = svc.spawn(cmd, {**_env(creds), **(db or {})}, marker="label-studio")
     try:
         url = _read_url(svc.log_file, offset, proc, timeout_s)
         wait_healthy(f"{url}/health", timeout_s, alive=lambda: exit_status(proc) is None)
     except BaseException:  # a failed or interrupted start leaves no server that `down` does not know about
         svc.discard(proc)
         raise
-    svc.record(url=url)
+    svc.record(url=url, **({"database": database.fingerprint()} if db else {}))
     return {"url": url, "pid": proc.pid, "started": True}
 
 

@@ -6,6 +6,10 @@ To use existing services instead, set PREFECT_API_URL, MLFLOW_TRACKING_URI, LABE
 LABEL_STUDIO_API_KEY and RAY_ADDRESS: flows and CLI commands then talk to those. `up` still starts
 the local Prefect server and Label Studio; the MLflow server is skipped when MLFLOW_TRACKING_URI
 names a server.
+
+`up --team` puts Prefect, MLflow and Label Studio on the team's PostgreSQL and MLflow's artifacts in
+its bucket (infra/team.py: the settings; infra/postgres.py, infra/objectstore.py: the local servers
+started when none is configured).
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rmcore.atomic import write_atomic
 from rmcore.names import HEARTBEAT_S, SENSOR_INTERVAL_S
-from rmcore.paths import dataset_root, mlflow_artifact_root, mlflow_tracking_uri, rmflow_home
+from rmcore.paths import TEAM_FILE, dataset_root, embedded_mlflow_store, mlflow_artifact_root, rmflow_home
 from rmcore.retrain import RetrainPolicy
-from rmflow.infra import labelstudio
+from rmflow.infra import labelstudio, objectstore, postgres, team
 from rmflow.infra.process import ManagedService, Secret, ServiceError, drift, exclusive, exit_status, free_port, recordable, wait_healthy
 
 PREFECT_PORT, MLFLOW_PORT, RECEIVER_PORT, RUNNER_PORT = 4200, 5000, 8765, 8766
@@ -104,19 +109,47 @@ def _restart_reason(state: dict[str, Any], started_with: dict[str, Any] | None) 
     return drift(state.get("started_with"), started_with) if started_with is not None else None
 
 
-def prefect_up(port: int = PREFECT_PORT, timeout_s: float = 120) -> dict[str, Any]:
+def _on_database(svc: ManagedService, url: str | None) -> dict[str, Any] | None:
+    """What a server keeping its data in a database is started with: the team database's URL (a
+    Secret: it holds the password), so that moving to or from the team backends restarts it. None
+    (nothing compared) for the embedded store of a server that never ran on the team's."""
+    if url is not None:
+        return {"database": Secret(url)}
+    recorded = (svc.state() or {}).get("started_with") or {}
+    return {"database": Secret("embedded")} if "database" in recorded else None
+
+
+def prefect_up(port: int = PREFECT_PORT, timeout_s: float = 120, db: team.Database | None = None) -> dict[str, Any]:
+    """The Prefect server, on SQLite under RMFLOW_HOME, or with `db` on its `prefect` database there
+    (the URL, password included, through the environment)."""
     cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", "{port}"]
-    result = _start_http(prefect_service(), port, cmd, prefect_env(), "/api/health", timeout_s)
+    url = db.service_url("prefect", "postgresql+asyncpg") if db else None
+    env = {**prefect_env(), **({"PREFECT_API_DATABASE_CONNECTION_URL": url} if url else {})}
+    result = _start_http(prefect_service(), port, cmd, env, "/api/health", timeout_s, _on_database(prefect_service(), url))
     return {**result, "api_url": f"{result['url']}/api"}
 
 
-def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120) -> dict[str, Any]:
-    store = mlflow_tracking_uri()
-    if not store.startswith("sqlite"):
-        return {"url": store, "started": False, "note": "MLFLOW_TRACKING_URI points at an existing server"}
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", store, "--default-artifact-root",
-           Path(mlflow_artifact_root()).as_uri(), "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
-    return _start_http(mlflow_service(), port, cmd, {}, "/health", timeout_s)
+def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120, db: team.Database | None = None,
+              store: team.Storage | None = None) -> dict[str, Any]:
+    """The MLflow server: on the embedded SQLite store with local artifacts, or with `db` and `store`
+    on the team's `mlflow` database with artifacts in the bucket, served through the server (clients
+    need no bucket credentials). Store URLs and credentials reach it through the environment
+    (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, AWS_*), never its command line."""
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    ours = (mlflow_service().state() or {}).get("url")
+    if tracking and tracking != ours and not tracking.startswith("sqlite"):
+        return {"url": tracking, "started": False, "note": "MLFLOW_TRACKING_URI points at an existing server"}
+    cmd = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
+    if db is not None and store is not None:
+        backend = db.service_url("mlflow", "postgresql+psycopg2")
+        env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_ARTIFACTS_DESTINATION": store.uri("mlflow-artifacts"), **store.env()}
+        cmd.append("--serve-artifacts")
+        started_with = {**_on_database(mlflow_service(), backend), "artifacts": store.uri("mlflow-artifacts")}
+    else:
+        backend = tracking or embedded_mlflow_store()
+        env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DEFAULT_ARTIFACT_ROOT": Path(mlflow_artifact_root()).as_uri()}
+        started_with = _on_database(mlflow_service(), None)
+    return _start_http(mlflow_service(), port, cmd, env, "/health", timeout_s, started_with)
 
 
 def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 60) -> dict[str, Any]:
@@ -208,17 +241,26 @@ def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_locked
-def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: bool = False) -> dict[str, Any]:
+def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: bool = False, team_backends: bool = False) -> dict[str, Any]:
     """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
     also the receiver (watching the project with its retrain rule), the project's webhook to it and
-    the deployments.
+    the deployments. With `team_backends`, or when RMFLOW_DATABASE_URL / RMFLOW_STORAGE_URL are set,
+    Prefect, MLflow and Label Studio run on the team's PostgreSQL and bucket (`postgres` and
+    `objectstore` in the result): the configured ones, else local ones started here.
 
     Safe to run again: what runs with the settings asked for is left alone; the receiver and the
     deployments restart when their settings or the Prefect server changed. The deployments never
     restart under a pipeline run: `up` refuses, naming the runs, or with `wait` waits for them."""
-    out = {"prefect": prefect_up(), "mlflow": mlflow_up()}
+    out: dict[str, Any] = {}
+    db = store = None
+    if team_backends or team.configured():
+        db, store, rows = team.backends(start_local=team_backends)
+        out.update(rows)
+    out["prefect"] = prefect_up(db=db)
+    out["mlflow"] = mlflow_up(db=db, store=store)
+    _record_team(out["mlflow"]["url"] if db is not None else None)
     if label_studio:
-        out["labelstudio"] = labelstudio.up()
+        out["labelstudio"] = labelstudio.up(db=labelstudio_db_env(db) if db else None)
     if serve is not None:
         api = out["prefect"]["api_url"]
         settings = serve_settings(**serve)
@@ -229,6 +271,22 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: boo
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])
     return out
+
+
+def _record_team(mlflow_url: str | None) -> None:
+    """Where clients find MLflow once it runs on the team backends (rmcore.paths.mlflow_tracking_uri
+    reads it); removed when `up` runs embedded again."""
+    path = rmflow_home() / TEAM_FILE
+    if mlflow_url:
+        write_atomic(path, json.dumps({"mlflow_tracking_uri": mlflow_url}))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def labelstudio_db_env(db: team.Database) -> dict[str, str]:
+    """Label Studio's settings for its `labelstudio` database (its POSTGRE_* variables)."""
+    return {"DJANGO_DB": "default", "POSTGRE_NAME": "labelstudio", "POSTGRE_USER": db.user, "POSTGRE_PASSWORD": db.password,
+            "POSTGRE_HOST": db.host, "POSTGRE_PORT": str(db.port)}
 
 
 def serve_settings(params: dict[str, Any], policy: RetrainPolicy | dict[str, Any] | None = None,
@@ -264,19 +322,25 @@ def register_webhook(project: str, receiver_url: str) -> dict[str, Any]:
             "id": lst.ensure_webhook(ls, project_id, url, webhook_secret())}
 
 
-SERVICES = ("deployments", "receiver", "prefect", "mlflow", "labelstudio")
+# in the order `down` stops them: the team's database and object store last, after what uses them
+SERVICES = ("deployments", "receiver", "prefect", "mlflow", "labelstudio", "postgres", "objectstore")
 
 
 def _services() -> dict[str, ManagedService]:
     return {"deployments": deployments_service(), "receiver": receiver_service(), "prefect": prefect_service(),
-            "mlflow": mlflow_service(), "labelstudio": labelstudio.service()}
+            "mlflow": mlflow_service(), "labelstudio": labelstudio.service(), "postgres": postgres.service(),
+            "objectstore": objectstore.service()}
 
 
 @_locked
 def down(only: tuple[str, ...] = SERVICES) -> dict[str, bool]:
     """Stops the services rmflow started, the deployments first (their runs need the servers)."""
     services = _services()
-    return {name: services[name].stop() for name in SERVICES if name in only}
+    return {name: services[name].stop(STOP_TIMEOUT_S.get(name, 20)) for name in SERVICES if name in only}
+
+
+# SeaweedFS lingers ~20 s after SIGTERM with its filer reconnecting; what it acknowledged is on disk
+STOP_TIMEOUT_S = {"objectstore": 5}
 
 
 HEALTH = {"deployments": "/health", "receiver": "/health", "prefect": "/api/health", "mlflow": "/health", "labelstudio": "/health"}
@@ -291,11 +355,44 @@ def status() -> dict[str, Any]:
     prefect_api = f"{prefect['url']}/api" if prefect and prefect.get("url") else None
     out = {}
     for name, svc in _services().items():
+        if name in TEAM_BACKENDS:
+            out[name] = _backend_status(name)
+            continue
         state = svc.state()
         reason = _unhealthy(name, state, prefect_api)
         out[name] = {"running": bool(state), "url": state.get("url") if state else None,
                      "pid": state.get("pid") if state else None, "healthy": reason is None, "reason": reason}
     return out
+
+
+TEAM_BACKENDS = ("postgres", "objectstore")
+
+
+def _backend_status(name: str) -> dict[str, Any]:
+    """The local server rmflow runs, else the configured one (RMFLOW_DATABASE_URL / RMFLOW_STORAGE_URL),
+    checked with a connection; neither: not running."""
+    local = (postgres if name == "postgres" else objectstore).status()
+    settings = team.settings()
+    if local["running"] or not (settings.database_url if name == "postgres" else settings.storage_url):
+        return local
+    row: dict[str, Any] = {"url": None}
+    try:
+        if name == "postgres":
+            db = team.Database.from_url(settings.database_url.get_secret_value())
+            row = {"url": db.url}
+            db.connect(timeout_s=3).close()
+        else:
+            store = team.Storage.from_url(settings.storage_url, settings.endpoint_url, settings.access_key_id,
+                                          settings.secret_access_key.get_secret_value() if settings.secret_access_key else None)
+            row = {"url": store.endpoint_url or "https://s3.amazonaws.com", "bucket": store.bucket}
+            try:
+                store.client(timeout_s=3, retries=1).head_bucket(Bucket=store.bucket)
+            except Exception as e:  # noqa: BLE001 — reported, not raised
+                raise store.describe_error(e, "checking the bucket") from None
+        reason = None
+    except ServiceError as e:
+        reason = str(e)
+    return {"running": reason is None, **row, "pid": None, "healthy": reason is None, "reason": reason, "configured": True}
 
 
 def _unhealthy(name: str, state: dict[str, Any] | None, prefect_api: str | None) -> str | None:

@@ -2,8 +2,12 @@
 embedded defaults: RMFLOW_HOME, MLFLOW_TRACKING_URI, PREFECT_API_URL, RAY_ADDRESS."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+# written by `rmflow up --team`: the team MLflow server's URL, which clients use (see mlflow_tracking_uri)
+TEAM_FILE = "team.json"
 
 
 def rmflow_home() -> Path:
@@ -15,8 +19,19 @@ def rmflow_home() -> Path:
 
 
 def mlflow_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else an embedded SQLite store (the model registry needs a database)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{rmflow_home() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the MLflow server `rmflow up --team` started (its URL in TEAM_FILE:
+    its store is the team's PostgreSQL, so a client never falls back to SQLite), else the embedded
+    SQLite store (the model registry needs a database)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        return json.loads((rmflow_home() / TEAM_FILE).read_text())["mlflow_tracking_uri"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return embedded_mlflow_store()
+
+
+def embedded_mlflow_store() -> str:
+    return f"sqlite:///{rmflow_home() / 'mlflow.db'}"
 
 
 def mlflow_artifact_root() -> str:

@@ -1,0 +1,226 @@
+"""A team's backends: one PostgreSQL server and one S3-compatible bucket, declared here and only here.
+
+The settings (environment variables; none of them is ever put on a command line):
+
+- RMFLOW_DATABASE_URL  postgresql://USER:PASSWORD@HOST:PORT — a PostgreSQL *server*. rmflow creates
+  one database per service on it (prefect, mlflow, labelstudio) when missing. USER needs CREATEDB,
+  or create those three databases beforehand. A path in the URL is ignored.
+- RMFLOW_STORAGE_URL   s3://BUCKET[/PREFIX] — where MLflow's artifacts (and, later, dataset versions
+  and Ray Train's storage_path) live. The bucket is created when missing.
+- AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY — the bucket's credentials (the standard variables boto3,
+  MLflow and pyarrow read).
+- MLFLOW_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) — the S3 endpoint when it is not AWS (SeaweedFS,
+  MinIO, Ceph…).
+
+`rmflow up --team` with none of these set starts a local PostgreSQL (infra/postgres.py) and a local
+SeaweedFS S3 server (infra/objectstore.py) under RMFLOW_HOME and uses them; with them set it starts
+neither and uses what they name. Only the MLflow *server* needs the bucket's credentials: clients reach
+artifacts through it (`--serve-artifacts`), so a consumer pulling models:/NAME@champion needs none.
+"""
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rmflow.infra.process import ServiceError
+
+SERVICE_DATABASES = ("prefect", "mlflow", "labelstudio")
+
+
+class TeamSettings(BaseSettings):
+    """The team backends' settings, read from the environment (see the module docstring)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(None, validation_alias="RMFLOW_DATABASE_URL",
+                                           description="postgresql://USER:PASSWORD@HOST:PORT of the team's PostgreSQL server.")
+    storage_url: str | None = Field(None, validation_alias="RMFLOW_STORAGE_URL",
+                                    description="s3://BUCKET[/PREFIX] for artifacts, dataset versions and checkpoints.")
+    access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    endpoint_url: str | None = Field(None, validation_alias=AliasChoices("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+                                     description="The S3 endpoint when it is not AWS.")
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by ***: what logs, errors and status may show."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class Database:
+    """A PostgreSQL server rmflow's services keep their databases on."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    local: bool  # started by rmflow (infra/postgres.py), not pointed at
+
+    @classmethod
+    def from_url(cls, url: str, local: bool = False) -> Database:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres", "postgresql+psycopg2") or not parts.hostname or not parts.username:
+            raise ServiceError(f"RMFLOW_DATABASE_URL must look like postgresql://USER:PASSWORD@HOST:PORT, not {redact(url)}")
+        return cls(parts.hostname, parts.port or 5432, urllib.parse.unquote(parts.username),
+                   urllib.parse.unquote(parts.password or ""), local)
+
+    @property
+    def url(self) -> str:
+        """The server's address without credentials (what status shows)."""
+        return f"postgresql://{self.host}:{self.port}"
+
+    def service_url(self, service: str, driver: str = "postgresql") -> str:
+        """The SQLAlchemy URL of `service`'s own database, password included: for an environment
+        variable or a file, never a command line or a log."""
+        user, password = (urllib.parse.quote(v, safe="") for v in (self.user, self.password))
+        return f"{driver}://{user}:{password}@{self.host}:{self.port}/{service}"
+
+    def connect(self, dbname: str = "postgres", timeout_s: int = 5):
+        import psycopg2
+
+        try:
+            return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password, dbname=dbname,
+                                    connect_timeout=timeout_s)
+        except psycopg2.OperationalError as e:
+            what = "RMFLOW_DATABASE_URL" if not self.local else "rmflow's local PostgreSQL"
+            raise ServiceError(f"PostgreSQL at {self.url} (user {self.user}, from {what}) refused the connection: "
+                               f"{str(e).replace(self.password, '***').strip() if self.password else str(e).strip()}") from None
+
+    def ensure_databases(self, names: tuple[str, ...] = SERVICE_DATABASES) -> None:
+        """Creates each service's database when it does not exist yet (never drops or alters one)."""
+        conn = self.connect()
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with conn.cursor() as cur:
+                cur.execute("SELECT datname FROM pg_database")
+                have = {row[0] for row in cur.fetchall()}
+                for name in names:
+                    if name not in have:
+                        cur.execute(f'CREATE DATABASE "{name}"')  # names are ours (SERVICE_DATABASES), not input
+        finally:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class Storage:
+    """An S3 bucket (and key prefix) with the credentials and endpoint to reach it."""
+
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    access_key_id: str | None
+    secret_access_key: str | None
+    local: bool
+
+    @classmethod
+    def from_url(cls, url: str, endpoint_url: str | None, key: str | None, secret: str | None, local: bool = False) -> Storage:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ServiceError(f"RMFLOW_STORAGE_URL must look like s3://BUCKET[/PREFIX], not {url}")
+        return cls(parts.netloc, parts.path.strip("/"), endpoint_url, key, secret, local)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+
+    def uri(self, *parts: str) -> str:
+        """s3://bucket/prefix/part/… for a key under this store's prefix."""
+        return "/".join([self.url, *(p.strip("/") for p in parts)])
+
+    def env(self) -> dict[str, str]:
+        """The standard variables boto3, MLflow and pyarrow read, for a process that needs the bucket."""
+        out = {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+               "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL": self.endpoint_url,
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        return {k: v for k, v in out.items() if v}
+
+    def client(self, timeout_s: float = 10, retries: int = 2):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
+                            aws_secret_access_key=self.secret_access_key, region_name="us-east-1",
+                            config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": retries},
+                                          s3={"addressing_style": "path"}))
+
+    def describe_error(self, e: Exception, doing: str) -> ServiceError:
+        """A ServiceError naming the store, its endpoint and the variable to fix; never the secret."""
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        where = f"the object store at {self.endpoint_url or 'AWS S3'} (bucket {self.bucket})"
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "Forbidden"):
+                return ServiceError(f"{where} rejected the credentials while {doing} ({code}): check AWS_ACCESS_KEY_ID "
+                                    f"(now {self.access_key_id or 'unset'}) and AWS_SECRET_ACCESS_KEY")
+            return ServiceError(f"{where} failed while {doing}: {code or e}")
+        if isinstance(e, EndpointConnectionError) or isinstance(e, OSError) or "connect" in type(e).__name__.lower():
+            return ServiceError(f"{where} does not answer while {doing} (is it running? MLFLOW_S3_ENDPOINT_URL / "
+                                f"AWS_ENDPOINT_URL = {self.endpoint_url or 'unset'}): {e}")
+        return ServiceError(f"{where} failed while {doing}: {type(e).__name__}: {e}")
+
+    def ensure_bucket(self) -> None:
+        """Creates the bucket when missing; checks that the credentials are accepted either way."""
+        from botocore.exceptions import ClientError
+
+        s3 = self.client()
+        try:
+            s3.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise self.describe_error(e, "checking the bucket") from None
+        except Exception as e:  # noqa: BLE001 — connection errors: one clear line
+            raise self.describe_error(e, "checking the bucket") from None
+        try:
+            s3.create_bucket(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001
+            raise self.describe_error(e, "creating the bucket") from None
+
+
+def settings() -> TeamSettings:
+    return TeamSettings()
+
+
+def configured() -> bool:
+    """Whether the team backends are asked for by the environment (RMFLOW_DATABASE_URL or RMFLOW_STORAGE_URL)."""
+    s = settings()
+    return bool(s.database_url or s.storage_url)
+
+
+def backends(start_local: bool = False) -> tuple[Database, Storage, dict[str, Any]]:
+    """The team's database server and bucket: the configured ones, else (with `start_local`) a local
+    PostgreSQL and SeaweedFS that rmflow starts, else a ServiceError saying what to set. Also returns
+    the status rows (`postgres`, `objectstore`) of what was started or pointed at."""
+    from rmflow.infra import objectstore, postgres
+
+    s = settings()
+    rows: dict[str, Any] = {}
+    if s.database_url:
+        db = Database.from_url(s.database_url.get_secret_value())
+        rows["postgres"] = {"url": db.url, "started": False, "note": "RMFLOW_DATABASE_URL"}
+    elif start_local:
+        db, rows["postgres"] = postgres.up()
+    else:
+        raise ServiceError("the team backends need RMFLOW_DATABASE_URL (or `rmflow up --team` to start a local PostgreSQL)")
+    if s.storage_url:
+        store = Storage.from_url(s.storage_url, s.endpoint_url, s.access_key_id,
+                                 s.secret_access_key.get_secret_value() if s.secret_access_key else None)
+        rows["objectstore"] = {"url": store.endpoint_url or "https://s3.amazonaws.com", "bucket": store.bucket,
+                               "prefix": store.prefix, "started": False, "note": "RMFLOW_STORAGE_URL"}
+    elif start_local:
+        store, rows["objectstore"] = objectstore.up()
+    else:
+        raise ServiceError("the team backends need RMFLOW_STORAGE_URL (or `rmflow up --team` to start a local object store)")
+    db.ensure_databases()
+    store.ensure_bucket()
+    return db, store, rows
