@@ -396,6 +396,9 @@ def up(
                                               "Studio cannot reach 127.0.0.1; put a proxy in front and give its URL)."),
     wait: bool = typer.Option(False, help="When the deployments must restart (other settings, Prefect moved) while a "
                               "pipeline run is in progress, wait for it to finish instead of refusing."),
+    team: bool = typer.Option(False, help="Run Prefect, MLflow and Label Studio on the team backends: PostgreSQL and an S3 "
+                              "bucket (RMFLOW_DATABASE_URL, RMFLOW_STORAGE_URL, AWS_*; README \"Team deployment\"), starting a "
+                              "local PostgreSQL and SeaweedFS when those are not set."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Start the local stack on 127.0.0.1 as background services: Prefect server, MLflow server,
@@ -420,7 +423,7 @@ def up(
         serve = {"params": pipeline, "policy": policy, "interval_s": interval, "webhook": webhook, "webhook_url": webhook_url}
     label_studio = label_studio and not os.environ.get("LABEL_STUDIO_URL")
     try:
-        result = stack.up(label_studio, serve, wait=wait)
+        result = stack.up(label_studio, serve, wait=wait, team_backends=team)
     except Exception as e:  # noqa: BLE001 — a service that would not start: one clear line
         fail(_ls_failure(e) if "Label Studio" in str(e) else str(e))
     for name, svc in result.items():
