@@ -117,7 +117,7 @@ class OptimConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
     eval_every: int = Field(
-        0, ge=0, description="Evaluate on the validation split every N optimiser steps. 0 = auto: 5 evaluations a run "
+        0, ge=0, description="Evaluate on the validation split every N optimiser steps. 0 = auto: 4 evaluations a run "
         "(the last at the end) when `select_best` is on, else at the end only. Each evaluation scores the validation split "
         "once (a forward pass; the time it adds is measured in bench/RESULTS.md).",
     )

@@ -245,7 +245,7 @@ class _Loop:
 
     def _after_step(self) -> None:
         step, every_ckpt = self._step(), self.cfg.scale.checkpoint_every
-        metrics: dict[str, Any] = {"step": step, "lr": self.sched.get_last_lr()[0]}
+        metrics: dict[str, Any] = {"step": step, "epoch": round(self.micro / self.micro_per_epoch, 4), "lr": self.sched.get_last_lr()[0]}
         evaluated = bool(self.best.every) and step % self.best.every == 0 and step < self.total_steps
         if evaluated:
             result = self._evaluate()
@@ -296,7 +296,7 @@ class _Loop:
         return scalar_metrics(evaluation.metrics) | {"loss": loss}
 
 
-EVALS_PER_RUN = 5  # eval_every = 0 with select_best: evaluations a run, the last at the end
+EVALS_PER_RUN = 4  # eval_every = 0 with select_best: evaluations a run, the last at the end (each ~4.5% of a 1-epoch run on hh-rlhf, bench/RESULTS.md)
 
 
 class _Best:

@@ -98,6 +98,57 @@ def train(
 
 
 @app.command()
+@with_config_options(RunConfig)
+def tune(
+    data: Path = typer.Option(..., help="Dataset folder written by `rmflow convert` or `rmflow collect`."),
+    out: Path = typer.Option(Path("out/model"), help="Where the best configuration's model is trained (as `rmflow train --out`)."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON RunConfig the sweep starts from; flags and --set override it."),
+    set_: list[str] = typer.Option([], "--set", help="section.field=value override of any config field (repeatable)."),
+    sweep: Optional[Path] = typer.Option(None, help="YAML SweepConfig (trials, time_budget_s, concurrent, space: {section.field: "
+                                         "{loguniform|uniform|randint|choice: args}}, merged over the default space)."),
+    trials: Optional[int] = typer.Option(None, help="Configurations to try (overrides the --sweep file; default 8)."),
+    time_budget_s: Optional[float] = typer.Option(None, help="Stop the sweep after this many seconds."),
+    concurrent: Optional[int] = typer.Option(None, help="Trials at once (default: as many as the CPUs hold)."),
+    sweep_name: Optional[str] = typer.Option(None, help="Name of the sweep (its folder under RMFLOW_HOME/tune and its MLflow run)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted sweep from its folder (Tuner.restore)."),
+    train_best: bool = typer.Option(True, help="Train the best configuration into --out after the sweep."),
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """Search the run config on Ray Tune (ASHA on validation accuracy, every trial an MLflow child
+    run), write the best config as YAML and train it into --out."""
+    from pydantic import ValidationError
+
+    from rmcore.config import load_run_config
+    from rmcore.sweep import load_sweep_config
+    from rmflow.tasks.train import train_model
+    from rmflow.tasks.tune import tune_config
+
+    try:
+        base = load_run_config(config, {**(overrides or {}), **parse_sets(set_)})
+        settings = load_sweep_config(sweep, {"trials": trials, "time_budget_s": time_budget_s, "concurrent": concurrent})
+    except ValidationError as e:
+        fail(f"invalid config: {e}")
+    except ValueError as e:
+        fail(str(e))
+    try:
+        tuned = tune_config(base, data, settings, sweep_name, resume=resume)
+        for t in tuned.trials:
+            restarts = f", {t['restarts']} restarts" if t["restarts"] else ""
+            console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']} at epoch {t['epoch']}"
+                          f"{'' if t['finished'] else ' (stopped early by ASHA)'}{restarts}")
+        console.print(f"[green]best[/] validation accuracy {tuned.best_val_accuracy:.3f} → {tuned.config_file}")
+        result = tuned.model_dump(mode="json", exclude={"run"})
+        if train_best:
+            trained = train_model(tuned.run, data, out)
+            result |= {"model_dir": trained.model_dir, "val_accuracy": trained.summary["val_accuracy"],
+                       "best_step": trained.summary["best_step"]}
+            console.print(f"[green]trained[/] the best config → {out} (validation accuracy {trained.summary['val_accuracy']:.3f})")
+    except (*EXPECTED, RuntimeError) as e:
+        fail(str(e))
+    emit(result)
+
+
+@app.command()
 def evaluate(
     model: Path = typer.Option(..., help="A saved reward model folder."),
     data: Path = typer.Option(..., help="A dataset folder (its --split is used) or a raw preference file."),
@@ -526,6 +577,7 @@ app.add_typer(bench_app, name="bench")
 # name → (module under rmflow.bench, help); each forwards its arguments to the module's own parser
 BENCHES = {
     "train": ("train_vs_trl", "rmflow vs TRL's RewardTrainer on the shared data."),
+    "quality": ("quality", "Test accuracy: TRL defaults vs rmflow defaults vs rmflow tuned (Ray Tune, --trials budget)."),
     "secrets": ("secrets", "bt vs margin vs flip+margin vs soft+margin with an ensemble."),
     "slices": ("slices", "One reward model per preference-strength slice (Secrets of RLHF)."),
     "collect": ("collect", "Full vs incremental collection on a 20,000-task Label Studio project."),

@@ -1,0 +1,106 @@
+"""`rmflow tune` on a real local Ray runtime and MLflow store: a small sweep (tiny backbone, 4 trials,
+2 at a time) whose trials are MLflow child runs, one trial's worker killed mid-training and retried
+from its checkpoint, and a best config that `rmflow train --config` reproduces."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, timeout: float = 400) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "rmflow.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _kill_first_checkpointed_trial(sweep: Path, killed: dict, stop: threading.Event) -> None:
+    """Kills the process of the first trial that has reported a checkpoint (the real actor process)."""
+    while not stop.is_set():
+        for trial_dir in sorted((sweep / "attempts").glob("*")) if (sweep / "attempts").is_dir() else []:
+            pids = list(trial_dir.iterdir())
+            if len(pids) == 1 and any(sweep.glob(f"*{trial_dir.name}*/checkpoint_*")):
+                try:
+                    os.kill(int(pids[0].name), signal.SIGKILL)
+                except ProcessLookupError:  # finished in between: try another trial
+                    continue
+                killed.update(trial=trial_dir.name, pid=int(pids[0].name))
+                return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_bert, synthetic_dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("tune")
+    space = work / "sweep.yaml"
+    space.write_text(yaml.safe_dump({
+        "trials": 4, "concurrent": 2, "grace_epochs": 1.0, "max_failures": 2,
+        "space": {"optim.lr": {"choice": [3e-3, 1e-3, 3e-4, 1e-4]}, "optim.epochs": {"choice": [3]},
+                  "optim.warmup_ratio": None, "optim.weight_decay": {"choice": [0.0, 0.01]}}}))
+    name = "sweep-test"
+    home = tmp_path_factory.getbasetemp() / "rmflow_home"  # the autouse fixture's, which module fixtures precede
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RMFLOW_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    killed: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_checkpointed_trial, args=(home / "tune" / name, killed, stop), daemon=True)
+    killer.start()
+    try:
+        out = _cli("tune", "--data", str(synthetic_dataset), "--out", str(work / "model"), "--backbone", str(tiny_bert),
+                   "--max-length", "64", "--sweep", str(space), "--sweep-name", name)
+    finally:
+        stop.set()
+        mp.undo()
+    return {"out": out, "killed": killed, "work": work, "home": home}
+
+
+def test_sweep_trials_are_mlflow_child_runs(sweep):
+    from mlflow import MlflowClient
+
+    from rmcore.paths import mlflow_tracking_uri
+
+    client = MlflowClient(mlflow_tracking_uri())
+    out = sweep["out"]
+    assert len(out["trials"]) == 4 and all(t["error"] is None for t in out["trials"]), out["trials"]
+    experiment = client.get_experiment_by_name("rmflow").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 4
+    lrs = {float(r.data.params["optim.lr"]) for r in children}
+    assert lrs <= {3e-3, 1e-3, 3e-4, 1e-4} and all(r.data.params["optim.epochs"] == "3.0" for r in children)
+    for run in children:  # a validation curve, not one number
+        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) >= 2
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_accuracy"] == out["best_val_accuracy"]
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint(sweep):
+    killed = sweep["killed"]
+    assert killed, "no trial was killed: the sweep finished before any trial checkpointed"
+    trial = next(t for t in sweep["out"]["trials"] if t["trial"] == killed["trial"])
+    # it went on past the checkpoint it was killed after (the first, at 0.6 epochs): to its end, or until
+    # ASHA stopped it at a later rung (1 epoch and on)
+    assert trial["restarts"] >= 1 and trial["error"] is None and trial["epoch"] >= 1.0, trial
+    attempts = sweep["home"] / "tune" / "sweep-test" / "attempts" / killed["trial"]
+    assert str(killed["pid"]) in {p.name for p in attempts.iterdir()} and len(list(attempts.iterdir())) >= 2
+
+
+def test_best_config_reproduces_with_rmflow_train(sweep, synthetic_dataset):
+    out = sweep["out"]
+    best = yaml.safe_load(Path(out["config_file"]).read_text())
+    assert best["optim"]["lr"] in (3e-3, 1e-3, 3e-4, 1e-4) and best["optim"]["epochs"] == 3
+    again = _cli("train", "--data", str(synthetic_dataset), "--config", out["config_file"], "--out", str(sweep["work"] / "again"))
+    assert again["val_accuracy"] == out["val_accuracy"]  # the model `tune` trained, retrained from the YAML
+    assert again["val_accuracy"] == pytest.approx(out["best_val_accuracy"], abs=0.03)  # the trial (1 thread) vs 2 threads
+    assert (Path(out["model_dir"]) / "config.json").is_file() or any(Path(out["model_dir"]).iterdir())
