@@ -336,7 +336,8 @@ def _services() -> dict[str, ManagedService]:
 def down(only: tuple[str, ...] = SERVICES) -> dict[str, bool]:
     """Stops the services rmflow started, the deployments first (their runs need the servers)."""
     services = _services()
-    return {name: services[name].stop(STOP_TIMEOUT_S.get(name, 20)) for name in SERVICES if name in only}
+    return {name: postgres.down() if name == "postgres" else services[name].stop(STOP_TIMEOUT_S.get(name, 20))
+            for name in SERVICES if name in only}
 
 
 # SeaweedFS lingers ~20 s after SIGTERM with its filer reconnecting; what it acknowledged is on disk

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -157,9 +158,12 @@ class Storage:
         from botocore.exceptions import ClientError, EndpointConnectionError
 
         where = f"the object store at {self.endpoint_url or 'AWS S3'} (bucket {self.bucket})"
-        if isinstance(e, ClientError):
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "Forbidden"):
+        denied = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "Forbidden")
+        # boto3's transfers wrap the service's answer in S3UploadFailedError: its code is only in the text
+        wrapped = next((c for c in denied if f"({c})" in str(e)), None) if not isinstance(e, ClientError) else None
+        if isinstance(e, ClientError) or wrapped:
+            code = e.response.get("Error", {}).get("Code", "") if isinstance(e, ClientError) else wrapped
+            if code in denied:
                 return ServiceError(f"{where} rejected the credentials while {doing} ({code}): check AWS_ACCESS_KEY_ID "
                                     f"(now {self.access_key_id or 'unset'}) and AWS_SECRET_ACCESS_KEY")
             return ServiceError(f"{where} failed while {doing}: {code or e}")
@@ -167,6 +171,41 @@ class Storage:
             return ServiceError(f"{where} does not answer while {doing} (is it running? MLFLOW_S3_ENDPOINT_URL / "
                                 f"AWS_ENDPOINT_URL = {self.endpoint_url or 'unset'}): {e}")
         return ServiceError(f"{where} failed while {doing}: {type(e).__name__}: {e}")
+
+    def key(self, *parts: str) -> str:
+        """The object key of `parts` under this store's prefix."""
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+
+    def upload_dir(self, local: Path, *parts: str) -> str:
+        """Copies folder `local` to s3://bucket/prefix/parts/…, file by file; returns that URI. A
+        failure (the store down or gone mid-copy) raises a ServiceError naming the store; the copy
+        can simply be run again (each object is written whole or not at all)."""
+        s3 = self.client()
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            key = self.key(*parts, path.relative_to(local).as_posix())
+            try:
+                s3.upload_file(str(path), self.bucket, key)
+            except Exception as e:  # noqa: BLE001 — one clear error naming the store
+                raise self.describe_error(e, f"writing s3://{self.bucket}/{key}") from None
+        return self.uri(*parts)
+
+    def download_dir(self, *parts: str, dest: Path) -> Path:
+        """Copies every object under s3://bucket/prefix/parts/ into `dest` (created); returns it."""
+        s3 = self.client()
+        prefix = self.key(*parts) + "/"
+        found = 0
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    target = Path(dest) / obj["Key"][len(prefix):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    s3.download_file(self.bucket, obj["Key"], str(target))
+                    found += 1
+        except Exception as e:  # noqa: BLE001
+            raise self.describe_error(e, f"reading s3://{self.bucket}/{prefix}") from None
+        if not found:
+            raise ServiceError(f"nothing at s3://{self.bucket}/{prefix} in the object store at {self.endpoint_url or 'AWS S3'}")
+        return Path(dest)
 
     def ensure_bucket(self) -> None:
         """Creates the bucket when missing; checks that the credentials are accepted either way."""

@@ -1,0 +1,216 @@
+"""The team backends against real servers: Debian's PostgreSQL and SeaweedFS's S3 (`weed server -s3`),
+started once for the module by `rmflow up --team` (as a user would, through the CLI), with the
+Prefect and MLflow servers on them. Faults are injected by killing or restarting the real process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rmflow.infra import objectstore, postgres, stack, team
+from rmflow.infra.process import ServiceError
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+RMFLOW = [sys.executable, "-m", "rmflow"]
+NAME = "team-reward"
+# what a process that must NOT have bucket access lacks
+BUCKET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "RMFLOW_STORAGE_URL",
+               "RMFLOW_DATABASE_URL", "MLFLOW_TRACKING_URI")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([*RMFLOW, *args], capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in (env or os.environ).items()})
+    lines = proc.stdout.strip().splitlines()
+    return (json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}), proc
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if k not in BUCKET_VARS}, **extra}
+
+
+@pytest.fixture(scope="module")
+def team_home(tmp_path_factory):
+    """One `rmflow up --team` (no Label Studio, no deployments) for the module; `down` afterwards."""
+    home = tmp_path_factory.mktemp("team_home")
+    mp = pytest.MonkeyPatch()
+    for var in BUCKET_VARS:
+        mp.delenv(var, raising=False)
+    mp.setenv("RMFLOW_HOME", str(home))
+    result, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=clean_env(RMFLOW_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    yield home, result
+    cli("down", env=clean_env(RMFLOW_HOME=str(home)))
+    mp.undo()
+
+
+@pytest.fixture
+def home(team_home, monkeypatch) -> Path:
+    """Every test runs in the team stack's RMFLOW_HOME (the autouse fixture gives each test another)."""
+    monkeypatch.setenv("RMFLOW_HOME", str(team_home[0]))
+    for var in BUCKET_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return team_home[0]
+
+
+def test_up_team_starts_postgres_and_objectstore_and_services_use_them(team_home, home):
+    result = team_home[1]
+    assert result["postgres"]["started"] and result["postgres"]["url"].startswith("postgresql://127.0.0.1:")
+    assert result["objectstore"]["started"] and result["objectstore"]["bucket"] == "rmflow"
+    status, proc = cli("status", env=clean_env(RMFLOW_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("postgres", "objectstore", "prefect", "mlflow"):
+        assert status[name]["healthy"], (name, status[name])
+    assert status["postgres"]["url"] == result["postgres"]["url"]
+    assert status["objectstore"]["url"] == result["objectstore"]["url"] and status["objectstore"]["bucket"] == "rmflow"
+    # the servers really keep their data in PostgreSQL: their schemas are in their own databases
+    db = postgres.database()
+    for dbname, table in (("prefect", "flow_run"), ("mlflow", "registered_models")):
+        conn = db.connect(dbname)
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s)", (table,))
+            assert cur.fetchone()[0] == table, f"{table} missing in database {dbname}"
+        conn.close()
+    assert not (home / "prefect" / "prefect.db").exists() and not (home / "mlflow.db").exists()
+    # the PostgreSQL server runs as an unprivileged user, with its password nowhere on a command line
+    server = psutil.Process(status["postgres"]["pid"])
+    assert server.uids().real != 0
+    password = postgres.password()
+    for proc_ in psutil.process_iter(["cmdline"]):
+        assert password not in " ".join(proc_.info["cmdline"] or []), proc_.info["cmdline"]
+    assert objectstore.secret_key() not in " ".join(psutil.Process(status["objectstore"]["pid"]).cmdline())
+    assert (home / "postgres" / "password").stat().st_mode & 0o077 == 0
+    assert (home / "objectstore" / "s3.json").stat().st_mode & 0o077 == 0
+
+
+def test_pointed_at_existing_backends_starts_nothing(team_home, home, tmp_path, monkeypatch):
+    db = postgres.database()
+    store = objectstore.storage(objectstore.service().state()["port"])
+    other = tmp_path / "other_home"
+    monkeypatch.setenv("RMFLOW_HOME", str(other))
+    monkeypatch.setenv("RMFLOW_DATABASE_URL", db.service_url("postgres").rsplit("/", 1)[0])
+    monkeypatch.setenv("RMFLOW_STORAGE_URL", "s3://team-other/prefix")
+    for var, value in store.env().items():
+        monkeypatch.setenv(var, value)
+    got_db, got_store, rows = team.backends(start_local=True)
+    assert (got_db.host, got_db.port, got_store.bucket, got_store.prefix) == (db.host, db.port, "team-other", "prefix")
+    assert rows["postgres"]["started"] is False and rows["objectstore"]["started"] is False
+    assert not (other / "postgres").exists() and not (other / "objectstore").exists()
+    assert "team-other" in {b["Name"] for b in store.client().list_buckets()["Buckets"]}  # created, as documented
+    status = stack.status()
+    assert status["postgres"]["healthy"] and status["postgres"]["configured"] and status["postgres"]["pid"] is None
+    assert status["objectstore"]["bucket"] == "team-other" and status["objectstore"]["healthy"]
+
+
+def test_wrong_credentials_name_the_endpoint_and_variable_never_the_secret(team_home, home, tmp_path):
+    db = postgres.database()
+    store = objectstore.storage(objectstore.service().state()["port"])
+    bad_db, bad_secret = "pg-wrong-" + "x" * 12, "s3-wrong-" + "y" * 12
+    env = clean_env(RMFLOW_HOME=str(tmp_path / "h1"), RMFLOW_DATABASE_URL=f"postgresql://rmflow:{bad_db}@{db.host}:{db.port}",
+                    RMFLOW_STORAGE_URL="s3://rmflow", **store.env())
+    _, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"postgresql://{db.host}:{db.port}" in out and "RMFLOW_DATABASE_URL" in out, out[-2000:]
+    assert bad_db not in out
+    env.update(RMFLOW_DATABASE_URL=db.service_url("postgres").rsplit("/", 1)[0], AWS_SECRET_ACCESS_KEY=bad_secret,
+               RMFLOW_HOME=str(tmp_path / "h2"))
+    _, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and store.endpoint_url in out and "AWS_SECRET_ACCESS_KEY" in out, out[-2000:]
+    assert bad_secret not in out and db.password not in out
+    assert not (tmp_path / "h1" / "prefect").exists() and not (tmp_path / "h2" / "prefect").exists()  # nothing started
+
+
+def test_model_pulled_through_the_server_by_a_client_without_bucket_credentials(team_home, home, tiny_bert, synthetic_dataset,
+                                                                               tmp_path):
+    from mlflow import MlflowClient
+
+    from rmcore.config import RunConfig
+    from rmcore.paths import mlflow_tracking_uri
+    from rmcore.scoring import RewardScorer
+    from rmcore.train import train_reward_model
+    from rmflow.tasks.register import register_model
+
+    server = team_home[1]["mlflow"]["url"]
+    assert mlflow_tracking_uri() == server  # clients find the team MLflow without MLFLOW_TRACKING_URI
+    cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 64}, "optim": {"epochs": 1, "seed": 0}})
+    train_reward_model(cfg, synthetic_dataset, tmp_path / "model")
+    version = register_model(NAME, tmp_path / "model")
+    MlflowClient(server).set_registered_model_alias(NAME, "champion", version.version)
+    # the model's files are in the bucket, under the prefix the server writes to
+    store = objectstore.storage(objectstore.service().state()["port"])
+    keys = [o["Key"] for o in store.client().list_objects_v2(Bucket="rmflow", Prefix="mlflow-artifacts/").get("Contents", [])]
+    assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
+    # a consumer with the tracking URI only: no AWS_* or endpoint variable, another RMFLOW_HOME
+    prompt, response = "How do I brew green tea?", "Steep it at 80 degrees for three minutes."
+    result, proc = cli("score", "--model", f"models:/{NAME}@champion", "--prompt", prompt, "--response", response,
+                       env=clean_env(MLFLOW_TRACKING_URI=server, RMFLOW_HOME=str(tmp_path / "consumer")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = RewardScorer(tmp_path / "model").score([prompt], [response]).tolist()
+    assert result["rewards"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_objectstore_killed_mid_write_names_the_store_and_a_rerun_completes(team_home, home, tmp_path):
+    store = objectstore.storage(objectstore.service().state()["port"])
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    for i in range(200):
+        (src / f"shard-{i:03d}.bin").write_bytes(os.urandom(64 * 1024))
+    pid = objectstore.service().state()["pid"]
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            store.upload_dir(src, "faults", "ckpt")
+        except BaseException as e:  # noqa: BLE001 — collected for the assertion
+            failure.append(e)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    # kill once the copy is under way (some objects written), not before it started
+    client = store.client()
+    while not client.list_objects_v2(Bucket="rmflow", Prefix="faults/ckpt/").get("KeyCount") and writer.is_alive():
+        pass
+    os.killpg(pid, signal.SIGKILL)
+    writer.join(120)
+    assert not writer.is_alive()
+    assert failure and isinstance(failure[0], ServiceError), failure
+    message = str(failure[0])
+    assert store.endpoint_url in message and "object store" in message and store.secret_access_key not in message
+    # the store comes back (same data, same credentials); running the copy again completes it
+    result, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=clean_env(RMFLOW_HOME=str(home)))
+    assert proc.returncode == 0 and result["objectstore"]["started"], proc.stderr[-2000:]
+    store = objectstore.storage(objectstore.service().state()["port"])
+    store.upload_dir(src, "faults", "ckpt")
+    back = store.download_dir("faults", "ckpt", dest=tmp_path / "back")
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all((back / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())
+
+
+def test_postgres_restart_is_ridden_out_by_mlflow_and_prefect(team_home, home):
+    from mlflow import MlflowClient
+
+    from rmflow.infra.stack import prefect_api_url, using_prefect
+
+    server = team_home[1]["mlflow"]["url"]
+    client = MlflowClient(server)
+    before = {m.name for m in client.search_registered_models()}
+    postgres.down()
+    db, row = postgres.up()
+    assert row["started"]
+    # the servers' pooled connections died with the old server; their next calls reconnect
+    client.create_registered_model("after-restart")
+    assert {m.name for m in client.search_registered_models()} == before | {"after-restart"}
+    from prefect.client.orchestration import get_client
+
+    with using_prefect(prefect_api_url()), get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_runs(limit=1) is not None
