@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from rmflow.infra import labelstudio, stack
+from rmflow.infra import labelstudio, stack, team
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
@@ -21,7 +21,18 @@ def test_compose_ports_and_environment_match_rmflow():
     env = services["labelstudio"]["environment"]
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true" and env["LABEL_STUDIO_USERNAME"] == labelstudio.ADMIN
     assert services["labelstudio"]["image"].endswith(labelstudio.VERSION)
-    assert "postgresql://" in services["mlflow"]["command"]
+    # the team backends as natively (infra/team.py): every service on PostgreSQL, artifacts proxied from
+    # the bucket, and no secret on any command line (only in environments and mounted files)
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
+    assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "--serve-artifacts" in services["mlflow"]["command"]
+    assert services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert env["DJANGO_DB"] == "default" and env["POSTGRE_NAME"] == "labelstudio"
+    for name, service in services.items():
+        command = service.get("command", "")
+        assert not any(secret in command for secret in ("PASSWORD", "SECRET", "API_KEY", "postgresql://")), name
+    init = (INFRA / "postgres-init.sql").read_text()
+    assert all(f"CREATE DATABASE {db};" in init for db in team.SERVICE_DATABASES)
     # the same settings rmflow's managed servers get
     prefect_env = stack.prefect_env()
     for key in ("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"):
