@@ -23,6 +23,7 @@ from rmcore.contracts import EvaluationResult, LabelDataset, PromotionResult
 from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, check_name
 from rmcore.paths import dataset_root, mlflow_tracking_uri
 from rmcore.records import content_hash
+from rmcore.sweep import PipelineTune
 from rmcore.watermark import advance_watermark, read_watermark
 from rmflow.tasks.collect import collect_task
 from rmflow.tasks.dataset import dataset_task
@@ -32,6 +33,7 @@ from rmflow.tasks.reannotate import reannotate_task
 from rmflow.tasks.register import PENDING, find_version_task, register_task
 from rmflow.tasks.strength import strength_task
 from rmflow.tasks.train import train_task
+from rmflow.tasks.tune import tune_task
 
 
 class PipelineParams(BaseModel):
@@ -42,6 +44,8 @@ class PipelineParams(BaseModel):
     data_root: str | None = Field(None, description="Where snapshots and dataset versions go (default RMFLOW_HOME/datasets/<project>).")
     run: RunConfig = Field(default_factory=RunConfig, description="Training run: backbone, loss, optimiser, Ray workers.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion thresholds.")
+    tune: PipelineTune = Field(default_factory=PipelineTune, description="Hyper-parameter sweep on Ray Tune before training "
+                               "(off by default): trials, time budget, re-tune every R runs.")
     reannotate_max: int = Field(50, ge=0, description="Active labelling: with a strength ensemble (run.strength.ensemble "
                                 "> 0), send at most this many of the most doubtful train pairs back to Label Studio for "
                                 "re-annotation after training (0 = off). Their labels supersede the old ones.")
@@ -100,7 +104,8 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
                           description=f"labels of {params.project} in this run (dataset {labels.version})")
     if labels.dataset is None:
         raise ValueError(f"project {params.project!r} has no usable rankings yet")
-    config_hash = content_hash(params.run.model_dump(mode="json"))
+    config_hash = content_hash(params.run.model_dump(mode="json") | ({"tune": params.tune.model_dump(mode="json")}
+                                                                      if params.tune.enabled else {}))
     registered = find_version_task(params.model_name, labels.version, config_hash)
     if registered is not None and registered.status != PENDING:
         logger.info("dataset %s was already trained with this config and gated (version %s, %s): nothing to do",
@@ -108,10 +113,16 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
         advance_watermark(root, labels.watermark)
         return {"skipped": True, "version": registered.version, "dataset_version": labels.version, **_labels_summary(labels)}
 
-    trained = strength = None
+    trained = strength = tuned = None
     eval_data = labels.dataset
     if registered is None:
         run, data = params.run, labels.dataset
+        if params.tune.enabled:  # trials train without the strength ensemble; the tuned run keeps the base's
+            base = run.model_copy(update={"strength": run.strength.model_copy(update={"ensemble": 0})})
+            tuned = tune_task(base, data, params.tune.sweep, root / "tune" / params.model_name, params.tune.retune_every)
+            run = tuned.run.model_copy(update={"strength": params.run.strength})
+            logger.info("tune: %s config %s (best validation accuracy %s)", "tuned" if tuned.tuned else "reused",
+                        tuned.config_file, tuned.best_val_accuracy)
         if run.strength.ensemble:
             strength = strength_task(run, data, track=True)
             run, data = strength.run, strength.dataset  # what MLflow logs is what was trained
@@ -134,6 +145,8 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
                 "pairs_trained": summary["pairs_trained"], "workers": summary["workers"], "restarts": summary["restarts"]}
     if strength is not None:
         out["strength"] = strength.summary
+    if tuned is not None:
+        out["tune"] = tuned.model_dump(mode="json", include={"config_file", "tuned", "parent_run_id", "best_val_accuracy"})
     out |= {"run_id": registered.run_id, "version": promoted.version, "passed": promoted.passed, "reasons": promoted.reasons,
             "champion_version": promoted.champion_version, "metrics": promoted.metrics,
             "gate_checks": [c["check"] for c in promoted.gate]}

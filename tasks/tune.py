@@ -11,6 +11,7 @@ import yaml
 from prefect import task
 from pydantic import BaseModel, Field
 
+from rmcore.atomic import write_atomic
 from rmcore.config import RunConfig
 from rmcore.sweep import SweepConfig
 from rmflow.infra.ray_tune import resume_sweep, run_sweep
@@ -32,8 +33,7 @@ class TunedConfig(BaseModel):
 
 
 def write_config(cfg: RunConfig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
 
 
@@ -64,8 +64,7 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
         tuned = TunedConfig(run=run, config_file=state["config_file"], tuned=False, parent_run_id=state.get("parent_run_id"),
                             best_val_accuracy=state.get("best_val_accuracy"))
         state["runs_since"] = state.get("runs_since", 0) + 1
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state, indent=1))
+    write_atomic(state_file, json.dumps(state, indent=1))
     return tuned
 
 

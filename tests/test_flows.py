@@ -179,3 +179,26 @@ def test_pipeline_with_an_ensemble_trains_on_strengths_and_sends_doubtful_pairs(
     assert version.tags["label_dataset_version"] == result["dataset_version"] != version.tags["dataset_version"]
     # unanswered re-annotation tasks add no label: the same labels and config are not trained again
     assert reward_pipeline(ensemble_params)["skipped"]
+
+
+def test_pipeline_with_tune_on_registers_the_tuned_config(label_studio, prefect_harness, params):
+    import yaml
+    from mlflow import MlflowClient
+
+    from rmcore.paths import mlflow_tracking_uri
+    from rmcore.sweep import PipelineTune
+    from rmflow.flows.pipeline import reward_pipeline
+
+    project = "tune-flow-test"
+    label(40, seed=31, project=project)
+    run = params.run.model_copy(update={"scale": params.run.scale.model_copy(update={"workers": 1})})
+    tune = PipelineTune.model_validate({"enabled": True, "retune_every": 2, "sweep": {"trials": 2, "concurrent": 2, "space": {
+        "optim.lr": {"choice": [3e-3, 1e-4]}, "optim.epochs": {"choice": [1, 2]}, "optim.warmup_ratio": None, "optim.weight_decay": None}}})
+    result = reward_pipeline(params.model_copy(update={"project": project, "model_name": "tune-reward", "run": run, "tune": tune}))
+    assert result["tune"]["tuned"] and result["tune"]["parent_run_id"]
+    best = yaml.safe_load(Path(result["tune"]["config_file"]).read_text())
+    client = MlflowClient(mlflow_tracking_uri())
+    logged = client.get_run(result["run_id"]).data.params  # what MLflow logs for the version is the tuned config
+    assert float(logged["optim.lr"]) == best["optim"]["lr"] and float(logged["optim.epochs"]) == best["optim"]["epochs"]
+    experiment = client.get_experiment_by_name("rmflow").experiment_id
+    assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result['tune']['parent_run_id']}'")) == 2
