@@ -12,17 +12,16 @@ One JSON line per (server, clients), then one JSON object with the table.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from rmcore.config import ModelConfig
@@ -34,28 +33,32 @@ NAME = "bench-serving"
 
 
 def load(url: str, make_body, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` closed-loop clients (each sends its next request when the last is answered) on one
+    asyncio loop with aiohttp: one process, little CPU per request, so that on a small box the load
+    generator takes as little as possible from the server it measures (the same for every server)."""
+    return asyncio.run(_load(url, make_body, clients, seconds))
+
+
+async def _load(url: str, make_body, clients: int, seconds: float) -> dict[str, float]:
+    import aiohttp
+
     latencies: list[float] = []
     errors = [0]
     stop = time.monotonic() + seconds
-    lock = threading.Lock()
 
-    def worker(n: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            k = n
-            while time.monotonic() < stop:
-                t = time.perf_counter()
-                ok = client.post(url, json=make_body(k)).status_code == 200
-                dt = time.perf_counter() - t
-                with lock:
-                    latencies.append(dt) if ok else errors.__setitem__(0, errors[0] + 1)
-                k += clients
+    async def worker(session: aiohttp.ClientSession, n: int) -> None:
+        k = n
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            async with session.post(url, data=json.dumps(make_body(k)), headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                ok = r.status == 200
+            latencies.append(time.perf_counter() - t) if ok else errors.__setitem__(0, errors[0] + 1)
+            k += clients
 
     start = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(60)) as session:
+        await asyncio.gather(*(worker(session, n) for n in range(clients)))
     wall = time.monotonic() - start
     lat = np.array(latencies) * 1000
     return {"requests_per_s": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--servers", default="serve-rm,serve-rm-bf16,ray,mlflow", help="Comma list of serve-rm, serve-rm-bf16, ray, mlflow.")
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas in the `ray` row.")
     args = p.parse_args(argv)
     items = synthetic_items(256, 4, seed=7)
     pairs = [(i.prompt, r) for i in items for r in i.responses]
@@ -87,13 +92,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_reward_stats(model_dir, 0.0, 1.0, 1)
         version = register_model(NAME, model_dir).version
         configure_mlflow().set_registered_model_alias(NAME, "champion", version)
+        rm_cmd = [str(bin_dir / "rmflow"), "serve-rm", "--model", f"models:/{NAME}@champion", "--port", "{port}"]
+        score_body = lambda k: {"prompt": [pairs[k % len(pairs)][0]], "response": [pairs[k % len(pairs)][1]]}  # noqa: E731
         servers = {
-            "rmflow serve-rm": ([str(bin_dir / "rmflow"), "serve-rm", "--model", f"models:/{NAME}@champion", "--port", "{port}"],
-                                "/health", "/score", lambda k: {"prompt": [pairs[k % len(pairs)][0]], "response": [pairs[k % len(pairs)][1]]}),
+            "rmflow serve-rm": (rm_cmd, "/health", "/score", score_body),
+            "rmflow serve-rm --dtype bfloat16": (rm_cmd + ["--dtype", "bfloat16"], "/health", "/score", score_body),
+            f"rmflow serve-rm --replicas {args.replicas} (Ray Serve)": (rm_cmd + ["--replicas", str(args.replicas)], "/health", "/score",
+                                                                        score_body),
             "mlflow models serve": ([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{version}", "--env-manager",
                                      "local", "--host", "127.0.0.1", "--port", "{port}"], "/ping", "/invocations",
                                     lambda k: {"dataframe_split": {"columns": ["prompt", "response"], "data": [list(pairs[k % len(pairs)])]}}),
         }
+        chosen = [s.strip() for s in args.servers.split(",")]
+        keys = {"serve-rm": "rmflow serve-rm", "serve-rm-bf16": "rmflow serve-rm --dtype bfloat16",
+                "ray": f"rmflow serve-rm --replicas {args.replicas} (Ray Serve)", "mlflow": "mlflow models serve"}
+        servers = {keys[c]: servers[keys[c]] for c in chosen}
         for name, (cmd, health, path, body) in servers.items():
             port = free_port(18900)
             proc = subprocess.Popen([c.format(port=port) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -50,8 +50,8 @@ def model_folder(uri: str | Path, download_root: str | Path | None = None) -> It
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_scorer(uri: str | Path, device: str = "auto", download_root: str | Path | None = None) -> RewardScorer:
+def load_scorer(uri: str | Path, device: str = "auto", download_root: str | Path | None = None, dtype: str = "auto") -> RewardScorer:
     """A `RewardScorer` for `uri`; the downloaded files are gone once it is loaded (weights and
     tokenizer live in memory)."""
     with model_folder(uri, download_root) as folder:
-        return RewardScorer(folder, device)
+        return RewardScorer(folder, device, dtype)

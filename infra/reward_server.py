@@ -115,6 +115,7 @@ class ModelHolder:
     max_backoff_s: float = 600.0
     download_root: str | Path | None = None
     device: str = "auto"
+    dtype: str = "auto"
     metrics: Metrics = field(default_factory=Metrics)
     current: Served | None = None
     failure: LoadFailure | None = None
@@ -146,7 +147,7 @@ class ModelHolder:
         if failed and time.monotonic() < failed.retry_at:
             return False
         try:
-            scorer = load_scorer(exact, self.device, self.download_root)
+            scorer = load_scorer(exact, self.device, self.download_root, self.dtype)
         except Exception as e:  # noqa: BLE001 — any load error: the old version keeps serving
             attempts = failed.attempts + 1 if failed else 1
             backoff = min(self.backoff_s * 2 ** (attempts - 1), self.max_backoff_s)
@@ -226,7 +227,7 @@ class Batcher:
     max_batch: int = 64
     max_wait_ms: float = 5.0
     max_queue: int = 1024
-    max_tokens: int = 4096
+    max_tokens: int = 1024
     refresh_s: float = 10.0
     pending: deque = field(default_factory=deque)
     depth: int = 0  # texts admitted and not yet answered (queued, encoding or scoring)
@@ -342,7 +343,8 @@ class ServerOptions:
     max_items: int = 1024
     max_queue: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
-    max_tokens: int = 4096
+    max_tokens: int = 1024
+    dtype: str = "auto"
     download_root: str | None = None
 
 
@@ -467,6 +469,6 @@ def serve(uri: str, host: str, port: int, options: ServerOptions, torch_threads:
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    holder = ModelHolder(uri, backoff_s=options.refresh_s, download_root=options.download_root)
+    holder = ModelHolder(uri, backoff_s=options.refresh_s, download_root=options.download_root, dtype=options.dtype)
     holder.refresh()  # fail before binding when the model cannot be loaded
     uvicorn.run(create_app(holder, options), host=host, port=port, log_level="warning")

@@ -9,6 +9,7 @@ rmcore does no service I/O.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ from rmcore.model import RewardModel, read_meta
 
 
 class RewardScorer:
-    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+        """`dtype`: auto = bfloat16 autocast on GPU, float32 on CPU; bfloat16 = autocast on CPU too
+        (about 1.5-2x faster on CPUs with AVX512-BF16, rewards off by ~1e-2); float32 = exact everywhere."""
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+        self.dtype = dtype
         self.model, self.tokenizer = RewardModel.load(model_dir)
         self.stats = read_meta(model_dir).get("reward_stats")  # mean/std over the training completions
         self.device = resolve_device(device)
@@ -40,10 +46,13 @@ class RewardScorer:
     def score_ids(self, seqs: list[list[int]], batch_size: int = 64, max_tokens: int = 0) -> np.ndarray:
         """Rewards of `seqs`: forward chunks of `batch_size` sequences, or, with `max_tokens`, of at
         most that many padded tokens each (length-sorted: short texts are not padded to a long one)."""
-        if max_tokens:
-            return score_sequences(self.model, seqs, self.tokenizer.pad_token_id, self.device, max_tokens).cpu().numpy()
-        out = [score_sequences(self.model, seqs[i:i + batch_size], self.tokenizer.pad_token_id, self.device, 0).cpu().numpy()
-               for i in range(0, len(seqs), batch_size)]
+        dtype = "float32" if self.dtype == "float32" else "auto"  # score_sequences: bfloat16 autocast on GPU under auto
+        cpu_bf16 = self.dtype == "bfloat16" and self.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext():
+            if max_tokens:
+                return score_sequences(self.model, seqs, self.tokenizer.pad_token_id, self.device, max_tokens, dtype).float().cpu().numpy()
+            out = [score_sequences(self.model, seqs[i:i + batch_size], self.tokenizer.pad_token_id, self.device, 0, dtype).cpu().numpy()
+                   for i in range(0, len(seqs), batch_size)]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = False) -> np.ndarray:
