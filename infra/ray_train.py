@@ -9,16 +9,19 @@ Ray notes that shaped this file:
   all workers merge into one directory: rank 0 writes model/optimizer/scheduler state, every rank
   writes its own sampler accounting (which prompt groups it trained).
 - Data and `storage_path` are read by every worker: on a multi-node cluster both must be shared
-  storage (NFS, S3); on one machine a local folder is fine.
+  storage; on one machine a local folder is fine. Both may be in the team's bucket (s3://…,
+  infra/team.py): each worker copies the dataset version into its own temp folder, and checkpoints
+  go to the bucket through pyarrow's S3 filesystem, with the node's own AWS_* / endpoint variables.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from rmcore.model import META_FILE
 from rmcore.parallel import replicate, shard
 from rmcore.paths import rmflow_home
 from rmcore.train import WorkerContext, train_reward_model
+from rmflow.infra.team import fetch_dataset, is_bucket_uri, storage_for
 
 STATE_FILE = "state.pt"
 FINAL_METRICS = "final_metrics.json"
@@ -49,16 +53,41 @@ def prepare_out_dir(out_dir: Path) -> None:
                               "(rmflow never deletes files it did not write)")
 
 
-def fit(cfg: RunConfig, data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not (data_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
+def fit(cfg: RunConfig, data_dir: Path | str, out_dir: Path) -> dict[str, Any]:
+    """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`.
+    `data_dir` is a dataset folder or a dataset version in the bucket (s3://…)."""
+    out_dir = Path(out_dir)
+    if not is_bucket_uri(data_dir):
+        data_dir = Path(data_dir)
+        if not (data_dir / "manifest.json").is_file():
+            raise FileNotFoundError(f"{data_dir} is not an rmflow dataset (no manifest.json); run `rmflow convert` first")
     prepare_out_dir(out_dir)
     if not cfg.scale.on_ray_train:
         ctx = WorkerContext(device=resolve_device(cfg.device))
-        return train_reward_model(cfg, data_dir, out_dir, ctx) | {"workers": 1, "restarts": 0}
+        with _dataset(str(data_dir)) as local:
+            return train_reward_model(cfg, local, out_dir, ctx) | {"workers": 1, "restarts": 0}
     return run_ray_training(cfg, data_dir, out_dir)
+
+
+@contextlib.contextmanager
+def _dataset(data: str) -> Iterator[Path]:
+    """A dataset folder as it is, or a bucket URI copied into a temp folder of this process's own
+    (deleted afterwards): a worker never reads the driver's disk."""
+    if not is_bucket_uri(data):
+        yield Path(data)
+        return
+    with tempfile.TemporaryDirectory(prefix="rmflow-data-") as tmp:
+        yield fetch_dataset(data, Path(tmp) / "data")
+
+
+def _storage(uri: str):
+    """(pyarrow filesystem, path in it) for a Ray Train storage_path: a bucket URI or a local folder."""
+    from pyarrow import fs
+
+    if is_bucket_uri(uri):
+        store = storage_for(uri)
+        return store.pyarrow_fs(), "/".join(p for p in (store.bucket, store.prefix) if p)
+    return fs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def init_ray(address: str | None) -> dict[str, Any]:
@@ -108,14 +137,19 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     prepare_out_dir(out_dir)
+    from pyarrow import fs
+
     runtime = init_ray(cfg.scale.ray_address)
-    storage = Path(cfg.scale.storage_path or rmflow_home() / "ray_results").resolve()
+    storage_uri = cfg.scale.storage_path or str(rmflow_home() / "ray_results")
+    filesystem, storage = _storage(storage_uri)
     run_name = run_name or f"rmflow-{uuid.uuid4().hex[:8]}"
-    attempts = storage / run_name / "attempts"
-    attempts.mkdir(parents=True, exist_ok=True)
+    # one empty file per worker-group start, written by rank 0 wherever it runs: restarts = files - 1
+    attempts = f"{storage}/{run_name}/attempts"
+    filesystem.create_dir(attempts)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "data_dir": str(Path(data_dir).resolve()), "attempts": str(attempts)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "attempts": attempts, "storage": storage_uri,
+                           "data_dir": str(data_dir) if is_bucket_uri(data_dir) else str(Path(data_dir).resolve())},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=max(1, cfg.scale.workers),
@@ -124,7 +158,8 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
         ),
         run_config=RayRunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
+            storage_filesystem=filesystem if is_bucket_uri(storage_uri) else None,
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -137,8 +172,9 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
         if out_dir.exists():  # an earlier rmflow model (prepare_out_dir refused anything else)
             shutil.rmtree(out_dir)
         shutil.copytree(Path(ckpt) / "model", out_dir)
-    summary.update(model_dir=str(out_dir), workers=cfg.scale.workers, restarts=len(list(attempts.iterdir())) - 1,
-                   ray_run=str(storage / run_name), **runtime)
+    restarts = len(filesystem.get_file_info(fs.FileSelector(attempts))) - 1
+    summary.update(model_dir=str(out_dir), workers=cfg.scale.workers, restarts=restarts,
+                   ray_run=f"s3://{storage}/{run_name}" if is_bucket_uri(storage_uri) else f"{storage}/{run_name}", **runtime)
     return summary
 
 
@@ -152,7 +188,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     if rank == 0:
-        (Path(config["attempts"]) / uuid.uuid4().hex).touch()
+        _storage(config["storage"])[0].open_output_stream(f"{config['attempts']}/{uuid.uuid4().hex}").close()
 
     def save_checkpoint(state: dict[str, Any], metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -173,9 +209,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         resume=_resume_state(ray.train.get_checkpoint(), rank, torch.device("cpu") if cfg.scale.parallel_strategy == "fsdp" else device),
         show_progress=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _dataset(config["data_dir"]) as data:
         model_dir = Path(tmp) / "model" if rank == 0 else None
-        summary = merge_ranks(train_reward_model(cfg, Path(config["data_dir"]), model_dir, ctx), device,
+        summary = merge_ranks(train_reward_model(cfg, data, model_dir, ctx), device,
                               ray.get_runtime_context().get_node_id())
         checkpoint = None
         if rank == 0:

@@ -207,6 +207,14 @@ class Storage:
             raise ServiceError(f"nothing at s3://{self.bucket}/{prefix} in the object store at {self.endpoint_url or 'AWS S3'}")
         return Path(dest)
 
+    def pyarrow_fs(self):
+        """The bucket as a pyarrow filesystem (what Ray Train's storage_filesystem takes)."""
+        from pyarrow import fs
+
+        endpoint = urllib.parse.urlsplit(self.endpoint_url) if self.endpoint_url else None
+        return fs.S3FileSystem(access_key=self.access_key_id, secret_key=self.secret_access_key, region="us-east-1",
+                               endpoint_override=endpoint.netloc if endpoint else None, scheme=endpoint.scheme if endpoint else "https")
+
     def ensure_bucket(self) -> None:
         """Creates the bucket when missing; checks that the credentials are accepted either way."""
         from botocore.exceptions import ClientError
@@ -228,6 +236,45 @@ class Storage:
 
 def settings() -> TeamSettings:
     return TeamSettings()
+
+
+def is_bucket_uri(path: str | Path) -> bool:
+    return str(path).startswith("s3://")
+
+
+def storage_for(uri: str) -> Storage:
+    """The store holding `uri` (s3://BUCKET/KEY…), reached with the endpoint and credentials the
+    environment gives (AWS_*, MLFLOW_S3_ENDPOINT_URL / AWS_ENDPOINT_URL): on a Ray node, its own."""
+    s = settings()
+    return Storage.from_url(uri, s.endpoint_url, s.access_key_id, s.secret_access_key.get_secret_value() if s.secret_access_key else None)
+
+
+def fetch_dataset(uri: str, dest: Path) -> Path:
+    """A dataset version published in the bucket (`uri`), copied into `dest` (a worker's own temp
+    folder): how a training worker on any node reads it, never through the driver's disk."""
+    store = storage_for(uri)
+    out = store.download_dir(dest=Path(dest))
+    if not (out / "manifest.json").is_file():
+        raise ServiceError(f"{uri} is not an rmflow dataset (no manifest.json in the bucket)")
+    return out
+
+
+def publish_dataset(local: Path, uri: str) -> str:
+    """Copies dataset folder `local` (manifest, splits) to `uri` in the bucket; returns `uri`. The
+    manifest goes last, so a reader that finds it finds the whole version."""
+    local = Path(local)
+    if not (local / "manifest.json").is_file():
+        raise FileNotFoundError(f"{local} is not an rmflow dataset (no manifest.json)")
+    store = storage_for(uri)
+    s3 = store.client()
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == "manifest.json")
+    for path in files:
+        key = store.key(path.relative_to(local).as_posix())
+        try:
+            s3.upload_file(str(path), store.bucket, key)
+        except Exception as e:  # noqa: BLE001
+            raise store.describe_error(e, f"writing s3://{store.bucket}/{key}") from None
+    return uri
 
 
 def configured() -> bool:
