@@ -64,13 +64,13 @@ def fit(cfg: RunConfig, data_dir: Path | str, out_dir: Path) -> dict[str, Any]:
     prepare_out_dir(out_dir)
     if not cfg.scale.on_ray_train:
         ctx = WorkerContext(device=resolve_device(cfg.device))
-        with _dataset(str(data_dir)) as local:
+        with local_dataset(str(data_dir)) as local:
             return train_reward_model(cfg, local, out_dir, ctx) | {"workers": 1, "restarts": 0}
     return run_ray_training(cfg, data_dir, out_dir)
 
 
 @contextlib.contextmanager
-def _dataset(data: str) -> Iterator[Path]:
+def local_dataset(data: str) -> Iterator[Path]:
     """A dataset folder as it is, or a bucket URI copied into a temp folder of this process's own
     (deleted afterwards): a worker never reads the driver's disk."""
     if not is_bucket_uri(data):
@@ -209,7 +209,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         resume=_resume_state(ray.train.get_checkpoint(), rank, torch.device("cpu") if cfg.scale.parallel_strategy == "fsdp" else device),
         show_progress=False,
     )
-    with tempfile.TemporaryDirectory() as tmp, _dataset(config["data_dir"]) as data:
+    with tempfile.TemporaryDirectory() as tmp, local_dataset(config["data_dir"]) as data:
         model_dir = Path(tmp) / "model" if rank == 0 else None
         summary = merge_ranks(train_reward_model(cfg, data, model_dir, ctx), device,
                               ray.get_runtime_context().get_node_id())

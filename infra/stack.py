@@ -109,6 +109,11 @@ def _restart_reason(state: dict[str, Any], started_with: dict[str, Any] | None) 
     return drift(state.get("started_with"), started_with) if started_with is not None else None
 
 
+def _literal(env: dict[str, str]) -> dict[str, str]:
+    """Values `_start_http` must not read as templates (a secret may hold braces)."""
+    return {k: v.replace("{", "{{").replace("}", "}}") for k, v in env.items()}
+
+
 def _on_database(svc: ManagedService, url: str | None) -> dict[str, Any] | None:
     """What a server keeping its data in a database is started with: the team database's URL (a
     Secret: it holds the password), so that moving to or from the team backends restarts it. None
@@ -124,7 +129,7 @@ def prefect_up(port: int = PREFECT_PORT, timeout_s: float = 120, db: team.Databa
     (the URL, password included, through the environment)."""
     cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", "{port}"]
     url = db.service_url("prefect", "postgresql+asyncpg") if db else None
-    env = {**prefect_env(), **({"PREFECT_API_DATABASE_CONNECTION_URL": url} if url else {})}
+    env = {**prefect_env(), **_literal({"PREFECT_API_DATABASE_CONNECTION_URL": url} if url else {})}
     result = _start_http(prefect_service(), port, cmd, env, "/api/health", timeout_s, _on_database(prefect_service(), url))
     return {**result, "api_url": f"{result['url']}/api"}
 
@@ -142,12 +147,12 @@ def mlflow_up(port: int = MLFLOW_PORT, timeout_s: float = 120, db: team.Database
     cmd = [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
     if db is not None and store is not None:
         backend = db.service_url("mlflow", "postgresql+psycopg2")
-        env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_ARTIFACTS_DESTINATION": store.uri("mlflow-artifacts"), **store.env()}
+        env = _literal({"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_ARTIFACTS_DESTINATION": store.uri("mlflow-artifacts"), **store.env()})
         cmd.append("--serve-artifacts")
         started_with = {**_on_database(mlflow_service(), backend), "artifacts": store.uri("mlflow-artifacts")}
     else:
         backend = tracking or embedded_mlflow_store()
-        env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DEFAULT_ARTIFACT_ROOT": Path(mlflow_artifact_root()).as_uri()}
+        env = _literal({"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DEFAULT_ARTIFACT_ROOT": Path(mlflow_artifact_root()).as_uri()})
         started_with = _on_database(mlflow_service(), None)
     return _start_http(mlflow_service(), port, cmd, env, "/health", timeout_s, started_with)
 

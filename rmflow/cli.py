@@ -61,7 +61,8 @@ def convert(
 @app.command()
 @with_config_options(RunConfig)
 def train(
-    data: Path = typer.Option(..., help="Dataset folder written by `rmflow convert` or `rmflow collect`."),
+    data: str = typer.Option(..., help="Dataset folder written by `rmflow convert` or `rmflow collect`, or a dataset "
+                             "version in the team's bucket (s3://…; every worker copies it, README \"Team deployment\")."),
     out: Path = typer.Option(Path("out/model"), help="Where the trained reward model is saved (new, empty, or an earlier rmflow model)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON RunConfig; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="section.field=value override of any config field (repeatable)."),
@@ -81,6 +82,7 @@ def train(
         fail(f"invalid run config: {e}")
     except ValueError as e:
         fail(str(e))
+    data = data if data.startswith("s3://") else Path(data)
     try:
         strength = None
         if cfg.strength.ensemble:

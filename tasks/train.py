@@ -18,7 +18,8 @@ from rmcore.records import content_hash
 from rmcore.report import write_strength_report
 from rmcore.scoring import RewardScorer, reward_stats
 from rmcore.strength import read_strengths, strategy_counts
-from rmflow.infra.ray_train import fit
+from rmflow.infra.ray_train import fit, local_dataset
+from rmflow.infra.team import is_bucket_uri
 
 
 def default_model_dir(data_dir: Path, cfg: RunConfig) -> Path:
@@ -26,21 +27,26 @@ def default_model_dir(data_dir: Path, cfg: RunConfig) -> Path:
     return Path(data_dir).parent / "models" / f"{Path(data_dir).name}-{content_hash(cfg.model_dump(mode='json'))[:8]}"
 
 
-def train_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None = None) -> TrainedModel:
-    data_dir = Path(data_dir)
-    out_dir = Path(out_dir) if out_dir else default_model_dir(data_dir, cfg)
-    summary = fit(cfg, data_dir, out_dir)
-    # the reward scale consumers normalise with (OpenRLHF's config mean/std, rmflow's normalize=True)
-    scorer = RewardScorer(out_dir)
-    stats = reward_stats(scorer, load_groups(data_dir)["train"].to_list())
-    write_reward_stats(out_dir, stats["mean"], stats["std"], stats["n"])
-    summary = {**summary, "reward_mean": stats["mean"], "reward_std": stats["std"]}
-    report = None
-    strengths = read_strengths(data_dir)
-    if strengths is not None:
-        report = out_dir.parent / f"{out_dir.name}-strength-report"
-        strength_report(data_dir, scorer, report, strengths)
-    return TrainedModel(model_dir=str(out_dir), dataset=str(data_dir), run=cfg, summary=summary,
+def train_model(cfg: RunConfig, data_dir: Path | str, out_dir: Path | None = None) -> TrainedModel:
+    """`data_dir`: a dataset folder, or a dataset version in the team's bucket (s3://…), which the
+    training workers copy for themselves and the driver copies for the reward statistics."""
+    remote = is_bucket_uri(data_dir)
+    if remote and out_dir is None:
+        raise ValueError(f"training from {data_dir} needs an output folder (--out)")
+    with local_dataset(str(data_dir)) as local:
+        out_dir = Path(out_dir) if out_dir else default_model_dir(local, cfg)
+        summary = fit(cfg, str(data_dir) if remote else local, out_dir)
+        # the reward scale consumers normalise with (OpenRLHF's config mean/std, rmflow's normalize=True)
+        scorer = RewardScorer(out_dir)
+        stats = reward_stats(scorer, load_groups(local)["train"].to_list())
+        write_reward_stats(out_dir, stats["mean"], stats["std"], stats["n"])
+        summary = {**summary, "reward_mean": stats["mean"], "reward_std": stats["std"]}
+        report = None
+        strengths = read_strengths(local)
+        if strengths is not None:
+            report = out_dir.parent / f"{out_dir.name}-strength-report"
+            strength_report(local, scorer, report, strengths)
+    return TrainedModel(model_dir=str(out_dir), dataset=str(data_dir) if remote else str(local), run=cfg, summary=summary,
                         strength_report=str(report) if report else None)
 
 
