@@ -29,7 +29,9 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
+import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +51,7 @@ from rmcore.scoring import RewardScorer
 from rmflow.infra.model_uri import load_scorer
 
 log = logging.getLogger("rmflow.serve_rm")
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several behind Ray Serve)
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 
 
@@ -441,7 +444,7 @@ class RewardService:
 
     async def health(self, _: Request) -> Response:
         served, failure = self.holder.current, self.holder.failure
-        return JSONResponse({"status": "degraded" if failure else "ok", "model": self.holder.uri,
+        return JSONResponse({"status": "degraded" if failure else "ok", "model": self.holder.uri, "replica": REPLICA,
                              "version": served.version if served else None,
                              "input_format": served.scorer.input_format if served else None,
                              "load_failure": failure.report() if failure else None, "queue_depth": self.batcher.depth})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -228,6 +229,46 @@ def test_a_version_that_fails_to_load_backs_off_while_the_old_one_serves(registr
         client.set_registered_model_alias(NAME, "champion", registry["versions"][0])
         server.should_exit = True
         thread.join(30)
+
+
+def test_two_ray_serve_replicas_answer_and_each_follows_a_promotion(registry):
+    """`serve-rm --replicas 2`: a local Ray runtime, Serve's proxy, two replicas of the same server;
+    both answer, and after a promotion each one swaps to the new champion on its own."""
+    port = free_port(18750)
+    proc = spawn([str(BIN / "rmflow"), "serve-rm", "--model", f"models:/{NAME}@champion", "--port", str(port), "--refresh", "1",
+                  "--replicas", "2"], registry)
+    url = f"http://127.0.0.1:{port}"
+    prompts, responses = inputs(3, 6)
+    try:
+        wait_healthy(f"{url}/health", 240, alive=lambda: proc.poll() is None)
+        expected = {registry["versions"][k]: RewardScorer(registry["dirs"][k]).score(prompts, responses) for k in (0, 1)}
+
+        def versions_by_replica(until, what: str) -> dict[str, str]:
+            """Asks until `until(seen)` holds; seen: replica → the version its latest answer named."""
+            seen: dict[str, str] = {}
+            end = time.monotonic() + 90
+            while time.monotonic() < end:
+                got = httpx.post(f"{url}/score", json={"prompt": prompts, "response": responses}, timeout=30).raise_for_status().json()
+                np.testing.assert_allclose(got["rewards"], expected[got["version"]], atol=1e-5)  # never an error while swapping
+                health = httpx.get(f"{url}/health", timeout=30).json()
+                seen[health["replica"]] = health["version"]
+                if until(seen):
+                    return seen
+            raise AssertionError(f"{what}: {seen}")
+
+        first = versions_by_replica(lambda s: len(s) == 2, "two replicas never both answered")
+        assert set(first.values()) == {registry["versions"][0]}
+        registry["client"].set_registered_model_alias(NAME, "champion", registry["versions"][1])
+        versions_by_replica(lambda s: len(s) == 2 and set(s.values()) == {registry["versions"][1]},
+                            "not every replica followed the promotion")
+    finally:
+        registry["client"].set_registered_model_alias(NAME, "champion", registry["versions"][0])
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command removes Serve and its local Ray
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
 
 
 def test_mlflow_models_serve_answers_invocations_like_in_process_scoring(registry):
