@@ -104,3 +104,39 @@ def test_best_config_reproduces_with_rmflow_train(sweep, synthetic_dataset):
     assert again["val_accuracy"] == out["val_accuracy"]  # the model `tune` trained, retrained from the YAML
     assert again["val_accuracy"] == pytest.approx(out["best_val_accuracy"], abs=0.03)  # the trial (1 thread) vs 2 threads
     assert (Path(out["model_dir"]) / "config.json").is_file() or any(Path(out["model_dir"]).iterdir())
+
+
+def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, monkeypatch):
+    """The driver (and the local Ray runtime that shares its fate) is SIGKILLed once Tune has recorded a
+    finished trial; `rmflow tune --resume` finishes the sweep without training that trial again and
+    logs into the same MLflow runs."""
+    from mlflow import MlflowClient
+
+    from rmcore.paths import mlflow_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"trials": 3, "concurrent": 1, "grace_epochs": 3.0, "space": {
+        "optim.lr": {"choice": [3e-3, 1e-3, 3e-4]}, "optim.epochs": {"choice": [2]}, "optim.warmup_ratio": None,
+        "optim.weight_decay": None}}))
+    path = Path(os.environ["RMFLOW_HOME"]) / "tune" / "resume-test"
+    driver = subprocess.Popen([sys.executable, "-m", "rmflow.cli", "tune", "--data", str(synthetic_dataset), "--backbone",
+                               str(tiny_bert), "--max-length", "64", "--sweep", str(tmp_path / "sweep.yaml"), "--sweep-name",
+                               "resume-test", "--no-train-best"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if any('\\"TERMINATED\\"' in p.read_text() or '"TERMINATED"' in p.read_text() for p in path.glob("experiment_state*.json")):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the sweep ended before Tune recorded a finished trial"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_before = {d.name for d in (path / "attempts").iterdir()}
+    out = _cli("tune", "--data", str(synthetic_dataset), "--resume", str(path), "--no-train-best")
+    assert len(out["trials"]) == 3 and all(t["error"] is None and t["finished"] for t in out["trials"]), out["trials"]
+    once = [d for d in (path / "attempts").iterdir() if d.name in done_before and len(list(d.iterdir())) == 1]
+    assert once, "every trial started before the kill was trained again"
+    assert Path(out["config_file"]).is_file()
+    client = MlflowClient(mlflow_tracking_uri())
+    experiment = client.get_experiment_by_name("rmflow").experiment_id
+    assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")) == 3
