@@ -1,0 +1,109 @@
+"""Reward-model quality: TRL's RewardTrainer with its defaults vs rmflow with its defaults vs rmflow
+tuned (a Ray Tune sweep of --trials configurations, selected on the validation split only), in one
+run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
+
+The test split is read once per system, after training and selection are over: nothing selects on it.
+Prints one JSON line per (dataset, system) and a summary line.
+
+Run: `rmflow bench quality` or `python -m rmflow.bench.quality --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmcore.config import RunConfig
+from rmcore.evaluate import evaluate_saved_model
+from rmcore.sweep import load_sweep_config
+from rmcore.train import train_reward_model
+from rmflow.bench.train_vs_trl import DATASETS, common_args, emit, prepare, run_trl
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of an accuracy `p` over `n` pairs."""
+    if not n:
+        return [math.nan, math.nan]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
+
+
+def default_config(kind: str, args: argparse.Namespace) -> RunConfig:
+    """rmflow's defaults, with the dataset's natural loss and the shared backbone/max length."""
+    return RunConfig.model_validate({"model": {"backbone": args.backbone, "max_length": args.max_length},
+                                     "loss": {"name": DATASETS[kind][1]}, "optim": {"seed": args.seed}, "device": "cpu"})
+
+
+def test_row(model_dir: Path, data: Path, started: float, extra: dict[str, Any]) -> dict[str, Any]:
+    metrics = evaluate_saved_model(model_dir, data, "test", device="cpu").metrics
+    return {"test_accuracy": round(metrics["accuracy"], 4), "test_ci95": wilson(metrics["accuracy"], metrics["n"]),
+            "test_pairs": metrics["n"], "wall_s": round(time.perf_counter() - started, 1), **extra}
+
+
+def run_default(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    summary = train_reward_model(default_config(kind, args), data, data.parent / f"default-{kind}")
+    return test_row(data.parent / f"default-{kind}", data, started, {
+        "val_accuracy": summary["val_accuracy"], "best_step": summary["best_step"], "steps": summary["steps"],
+        "stopped_early_at": summary["stopped_early_at"]})
+
+
+def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from rmflow.infra.ray_tune import run_sweep
+
+    started = time.perf_counter()
+    sweep = load_sweep_config(args.sweep, {"trials": args.trials, "time_budget_s": args.time_budget_s})
+    base = default_config(kind, args)
+    result = run_sweep(base, data, sweep, name=f"quality-{kind}-{os.getpid()}")
+    summary = train_reward_model(result.best, data, data.parent / f"tuned-{kind}")
+    changed = {k: v for k, v in result.best.flat_params().items() if base.flat_params()[k] != v}
+    return test_row(data.parent / f"tuned-{kind}", data, started, {
+        "trials": len(result.trials), "trials_finished": sum(t["finished"] for t in result.trials),
+        "time_budget_s": sweep.time_budget_s, "space": sweep.space, "best": changed,
+        "best_trial_val_accuracy": result.best_val_accuracy, "val_accuracy": summary["val_accuracy"],
+        "best_step": summary["best_step"], "steps": summary["steps"]})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common_args(__doc__, "hh-rlhf,qa-feedback")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=6, help="The tuned system's trial budget (configurations tried).")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="Wall-clock budget of each sweep.")
+    parser.add_argument("--sweep", type=Path, default=None, help="YAML SweepConfig (space etc.); --trials overrides it.")
+    parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned to run.")
+    args = parser.parse_args(argv)
+    args.pairs_per_step, args.device = 16, "cpu"  # TRL: its per-device batch; rmflow's default pairs_per_step is 16
+    if not args.shared.is_dir():
+        raise SystemExit(f"shared data not found at {args.shared}; pass --shared")
+    systems = args.systems.split(",")
+    summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "trials": args.trials}
+    with tempfile.TemporaryDirectory() as work:
+        for kind in args.datasets.split(","):
+            data = prepare(kind, args.shared, Path(work), args.limit)
+            rows = {}
+            if "trl" in systems:  # TRL's defaults: lr 5e-5 (args.lr), one epoch, the last checkpoint
+                trl = run_trl(kind, data, args)
+                rows["trl"] = {"test_accuracy": round(trl["test_accuracy"], 4), "test_ci95": wilson(trl["test_accuracy"], trl["test_pairs"]),
+                               "test_pairs": trl["test_pairs"], "train_s": trl["train_s"]}
+            if "default" in systems:
+                rows["default"] = run_default(kind, data, args)
+            if "tuned" in systems:
+                rows["tuned"] = run_tuned(kind, data, args)
+            for system, row in rows.items():
+                emit({"dataset": kind, "system": system, **row})
+            if "trl" in rows:
+                summary[kind] = {f"{s}_minus_trl": round(r["test_accuracy"] - rows["trl"]["test_accuracy"], 4)
+                                 for s, r in rows.items() if s != "trl"}
+    emit(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
