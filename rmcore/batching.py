@@ -280,6 +280,23 @@ def collate(groups: list[EncodedGroup]) -> Batch:
     return Batch(seqs, index, len(cols["chosen"]))
 
 
+def group_micro_batches(groups: list[EncodedGroup], max_tokens: int) -> list[list[int]]:
+    """Positions into `groups`, cut into micro-batches of whole groups (a K-wise loss couples a
+    prompt's completions), length-sorted so that each micro-batch's sequences, padded to its longest,
+    are at most `max_tokens` tokens; a group over the budget alone is a micro-batch of its own
+    (0 = one micro-batch). Training runs each one's forward and backward before the next forward."""
+    parts: list[list[int]] = [[]]
+    seqs = 0
+    for g in sorted(range(len(groups)), key=lambda g: groups[g].max_len):
+        n = len(groups[g].seqs)
+        if max_tokens and parts[-1] and (seqs + n) * groups[g].max_len > max_tokens:  # the longest so far, since sorted
+            parts.append([])
+            seqs = 0
+        parts[-1].append(g)
+        seqs += n
+    return parts
+
+
 def length_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices into `lengths`, length-sorted and cut so that each chunk padded to its longest is at
     most `max_tokens` tokens (0 = one chunk)."""

@@ -103,8 +103,9 @@ class OptimConfig(_Strict):
     pairs_per_step: int = Field(16, ge=1, description="Strict pairs per optimiser step (whole prompt groups "
                                 "are kept together, so a step may hold slightly more).")
     max_tokens_per_forward: int = Field(
-        4096, ge=0, description="A step's sequences are length-sorted and run in forward chunks of at most this "
-        "many padded tokens, which keeps padding low (0 = one forward per step).",
+        4096, ge=0, description="A step's prompt groups are length-sorted and cut into micro-batches of at most this "
+        "many padded tokens (whole groups; a larger group alone), each one's forward and backward run before the next: "
+        "this bounds activation memory and keeps padding low, with the gradients of the whole step (0 = one forward a step).",
     )
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Packing: shorter sequences are moved into the padding of other rows of a forward "
@@ -138,7 +139,7 @@ class ScaleConfig(_Strict):
     parallel_strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every worker holds the whole model (DistributedDataParallel). fsdp: parameters, "
         "gradients and optimiser state sharded over the workers (FSDP2, one unit per transformer block), for "
-        "backbones that do not fit one device; always through Ray Train, one forward per micro-batch; checkpoints "
+        "backbones that do not fit one device; always through Ray Train (or torchrun), sharded from the CPU; checkpoints "
         "and the saved model are full tensors, as with ddp. Not with LoRA.",
     )
     use_gpu: bool = Field(False, json_schema_extra={"cli": "gpu"}, description="One GPU per worker (nccl); CPU workers use gloo.")

@@ -118,9 +118,29 @@ LOSSES: dict[str, Callable[[torch.Tensor, PairIndex, LossConfig], torch.Tensor]]
 assert set(LOSSES) == set(LossName), "every LossName needs its loss function"
 
 
-def compute_loss(rewards: torch.Tensor, idx: PairIndex, cfg: LossConfig) -> torch.Tensor:
-    """The configured loss plus the optional centering term."""
+def normalisers(idx: PairIndex, cfg: LossConfig) -> tuple[torch.Tensor, int]:
+    """What the configured loss and the centering term divide their sums by over `idx`'s batch:
+    the pairs' total weight (bt, bt_logexp, margin), the groups with a strict pair (kwise), the groups
+    with a ranking (plackett_luce); the number of pairs (centering). Each is a sum over whole groups."""
+    if cfg.name == LossName.kwise:
+        loss = (torch.bincount(idx.group, minlength=idx.num_groups) > 0).sum().clamp_min(1)
+    elif cfg.name == LossName.plackett_luce:
+        loss = ((idx.rank_seq >= 0).sum(-1) >= 2).sum().clamp_min(1)
+    else:
+        loss = idx.weight.sum().clamp_min(1e-8)
+    return loss.float(), int(idx.chosen.numel())
+
+
+def compute_loss(rewards: torch.Tensor, idx: PairIndex, cfg: LossConfig, part_of: PairIndex | None = None) -> torch.Tensor:
+    """The configured loss plus the optional centering term. `part_of`: the batch `idx` is a part of
+    (whole prompt groups of it): the loss is then this part's share of the batch's loss, its own sums
+    over the batch's normalisers, so the parts' losses add up to the batch's (micro-batches)."""
     loss = LOSSES[cfg.name](rewards, idx, cfg)
+    own = whole = None
+    if part_of is not None:
+        own, whole = normalisers(idx, cfg), normalisers(part_of, cfg)
+        loss = loss * (own[0].to(loss.device) / whole[0].to(loss.device))
     if cfg.center_rewards and idx.chosen.numel():
-        loss = loss + cfg.center_rewards * reward_centering(rewards, idx)
+        center = reward_centering(rewards, idx)
+        loss = loss + cfg.center_rewards * (center * (own[1] / whole[1]) if part_of is not None else center)
     return loss

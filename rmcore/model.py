@@ -113,7 +113,8 @@ class RewardModel(nn.Module):
         if cfg.disable_dropout:
             _disable_dropout(backbone)
         if cfg.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable()
+            # non-reentrant: works under DDP's no_sync and FSDP2, and with frozen embeddings (LoRA)
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_r:
             backbone = _with_lora(backbone, cfg, kind)
         return cls(backbone, head, cfg, source=cfg.backbone)

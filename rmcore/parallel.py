@@ -4,7 +4,8 @@ and then the whole reward model become FSDP units, so parameters, gradients and 
 are split over the workers and gathered one block at a time.
 
 What changes for the loop: state dicts are collectives (every rank calls; rank 0 receives the full
-tensors, on the CPU) and every rank must run the same number of forwards per micro-batch (one).
+tensors, on the CPU) and every rank must run as many forwards and backwards (the loop gives every
+rank as many micro-batches, one forward each). The model is sharded from the CPU (`shard`).
 Checkpoints and the saved model hold full, unsharded tensors, the same format as a DDP run.
 """
 from __future__ import annotations
@@ -17,9 +18,18 @@ from torch import nn
 
 def shard(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     """FSDP2 over `model.backbone`'s blocks, then the whole model (in place; returns it). On CUDA
-    with bf16 (`dtype` auto/bfloat16) blocks compute and gather in bf16 and reduce in fp32."""
+    with bf16 (`dtype` auto/bfloat16) blocks compute and gather in bf16 and reduce in fp32.
+
+    `model` comes on the CPU: `fully_shard` moves one unit's parameters at a time to `device` and
+    keeps this rank's shard of them, so the device never holds more than one block's full weights
+    (the largest unit: the embeddings, or a block), never the whole model. Each rank holds the full
+    fp32 model in CPU memory while it loads (from_pretrained)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if any(p.device.type not in ("cpu", "meta") for p in model.parameters()):
+        raise ValueError("shard() takes the model on the CPU: placed on the device whole first, it may not fit")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # fully_shard's default mesh places shards on the current device
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and dtype in ("auto", "bfloat16"):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -34,16 +44,16 @@ def shard(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
 
 
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the workers, without DDP's buffer broadcast. A step's sequences run in forward chunks
-    cut by a token budget, so ranks run different numbers of forwards; DDP's default broadcasts the
-    buffers in every forward, a collective the ranks would then issue a different number of times
-    (mismatched collectives: a hang under nccl). The buffers of rmflow's models are constants (position
-    ids, rotary frequencies), equal on every rank, so nothing needs broadcasting; gradients are still
-    all-reduced once per backward, which every rank runs as often."""
+    """`model` on `device` under DDP, without DDP's buffer broadcast. The buffers of rmflow's models
+    are constants (position ids, rotary frequencies), equal on every rank, so nothing needs
+    broadcasting; and a broadcast in every forward is a collective that must never depend on how a
+    rank's batch splits into forwards (once it did: mismatched collectives, a hang under nccl). The
+    loop gives every rank as many micro-batches and all-reduces gradients in the last backward of a
+    step only (`no_sync` on the others)."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model.to(device), device_ids=ids, broadcast_buffers=False)
 
 
 def is_sharded(model: nn.Module) -> bool:

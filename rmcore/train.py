@@ -9,15 +9,17 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, plan_batches, uses_chat_template
+from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, group_micro_batches, plan_batches, uses_chat_template
 from rmcore.config import RunConfig
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.inference import resolve_device, score_sequences
@@ -32,7 +34,9 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    # wraps the model for the workers (DDP, FSDP2) and places it on `device`; it is given the model on
+    # the CPU, so that FSDP shards before anything reaches the device (None: moved there whole)
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None
     save_checkpoint: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
     report: Callable[[dict[str, Any]], None] | None = None
     resume: dict[str, Any] | None = None
@@ -121,9 +125,9 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     val_groups = encode_groups(val_rows, encoder)
     if not any(g.num_pairs for g in train_groups):
         raise ValueError(f"{data_dir}: the train split holds no strict preference pairs")
-    model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id).to(ctx.device)
+    model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id)  # on the CPU
     packing = resolve_packing(cfg.optim.packing, model, ctx.device)
-    wrapped = ctx.prepare_model(model)
+    wrapped = ctx.prepare_model(model) if ctx.prepare_model else model.to(ctx.device)
     loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
     summary = loop.run() | {"packing": packing}
     summary["dataset_version"] = read_manifest(data_dir)["version"]
@@ -140,9 +144,7 @@ class _Loop:
         self.train_groups, self.pad_id = train_groups, pad_id
         self.val_rows, self.val_groups = validation
         micro_pairs = max(1, math.ceil(cfg.optim.pairs_per_step / (cfg.optim.grad_accum * ctx.world_size)))
-        # sharded units gather their parameters in every forward: all ranks must run as many forwards
-        # per micro-batch, so one forward each (batches differ in length from rank to rank)
-        self.max_tokens = 0 if is_sharded(model) else cfg.optim.max_tokens_per_forward
+        self.max_tokens = cfg.optim.max_tokens_per_forward
         self.plan = ShardedPlan(train_groups, micro_pairs, cfg.optim.seed, ctx.rank, ctx.world_size)
         self.micro_per_epoch = len(self.plan.steps(0))
         self.total_micro = max(1, math.ceil(cfg.optim.epochs * self.micro_per_epoch))
@@ -194,16 +196,13 @@ class _Loop:
         progress = _progress(ctx.show_progress and ctx.rank == 0, self.total_micro, self.micro)
         self.wrapped.train()
         for batch_groups, counts in self._micro_batches():
-            batch = collate([self.train_groups[i] for i in batch_groups])
-            index = batch.index.to(ctx.device)
-            rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, ctx.device, self.max_tokens, cfg.model.dtype, self.packing)
-            loss = compute_loss(rewards, index, cfg.loss) / cfg.optim.grad_accum
-            (loss if counts else loss * 0.0).backward()
+            steps_next = (self.micro + 1) % cfg.optim.grad_accum == 0 or self.micro + 1 == self.total_micro
+            loss = self._accumulate(batch_groups, counts, sync=steps_next)
             if counts:
-                pairs_this_run += batch.num_pairs
+                pairs_this_run += sum(self.train_groups[i].num_pairs for i in batch_groups)
                 self.trained[batch_groups] += 1
             self.micro += 1
-            progress.advance(loss.item() * cfg.optim.grad_accum)
+            progress.advance(loss)
             if self.micro % cfg.optim.grad_accum == 0 or self.micro == self.total_micro:
                 self._optimizer_step()
                 self._after_step()
@@ -233,6 +232,40 @@ class _Loop:
             "resumed_from_step": math.ceil(self.resumed_from / cfg.optim.grad_accum),
             "history": self.history,
         }
+
+    def _accumulate(self, batch_groups: list[int], counts: bool, sync: bool) -> float:
+        """Forward and backward of one planned batch in micro-batches of whole prompt groups of at most
+        `max_tokens_per_forward` padded tokens, each backward'ed before the next forward, so activation
+        memory is one micro-batch's, not the batch's. Each micro-batch's loss is its share of the batch's
+        (its sums over the batch's normalisers): the gradients are those of the whole batch at once.
+        Every rank runs as many micro-batches (a rank short of them repeats its smallest with zero
+        weight): one forward and one backward each, so FSDP's gathers and reductions match across
+        ranks; under DDP only the last backward before an optimiser step (`sync`) all-reduces.
+        Returns the batch's loss (0 for a zero-weight batch)."""
+        cfg, device = self.cfg, self.ctx.device
+        groups = [self.train_groups[i] for i in batch_groups]
+        whole = collate(groups).index
+        parts = [(part, counts) for part in group_micro_batches(groups, self.max_tokens)]
+        parts += [(min(parts, key=lambda p: sum(groups[g].tokens for g in p[0]))[0], False)] * (self._most_parts(len(parts)) - len(parts))
+        total = torch.zeros((), device=device)
+        for n, (part, weight) in enumerate(parts):
+            batch = collate([groups[g] for g in part])
+            no_sync = getattr(self.wrapped, "no_sync", None)  # DDP's
+            with no_sync() if no_sync and not (sync and n == len(parts) - 1) else nullcontext():
+                rewards = score_sequences(self.wrapped, batch.seqs, self.pad_id, device, 0, cfg.model.dtype, self.packing)
+                loss = compute_loss(rewards, batch.index.to(device), cfg.loss, part_of=whole) / cfg.optim.grad_accum
+                (loss if weight else loss * 0.0).backward()
+            if weight:
+                total += loss.detach()
+        return total.item() * cfg.optim.grad_accum  # one device sync per batch
+
+    def _most_parts(self, mine: int) -> int:
+        """The most micro-batches any rank has for this batch (a collective when distributed)."""
+        if self.ctx.world_size == 1 or not dist.is_initialized():
+            return mine
+        most = torch.tensor([mine], device=self.ctx.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item())
 
     def _optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.optim.max_grad_norm)
