@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rmcore.batching import Encoder, collate, encode_groups, length_chunks
+from rmcore.batching import Encoder, encode_groups, group_micro_batches
 from rmcore.model import load_tokenizer
 from rmcore.train import ShardedPlan, split_rows
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 384  # small enough that a step's sequences need several forwards, a different number per rank
+MAX_TOKENS = 384  # small enough that a step needs several micro-batches, a different number per rank
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -22,23 +22,27 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
 
 
 def forwards_per_rank(backbone: Path, data: Path, max_length: int, pairs_per_step: int, world: int) -> list[list[int]]:
-    """Forward chunks each rank runs at each step of epoch 0, as the loop cuts them."""
+    """Micro-batches (one forward each) each rank's step of epoch 0 splits into, before the loop
+    evens them out across ranks."""
     encoder = Encoder(load_tokenizer(str(backbone)), max_length)
     groups = encode_groups(split_rows(data, "train"), encoder)
     per_rank = []
     for rank in range(world):
         steps = ShardedPlan(groups, pairs_per_step // world, 0, rank, world).steps(0)
-        per_rank.append([len(length_chunks([len(s) for s in collate([groups[i] for i in b]).seqs], MAX_TOKENS)) for b, _ in steps])
+        per_rank.append([len(group_micro_batches([groups[i] for i in b], MAX_TOKENS)) for b, _ in steps])
     return per_rank
 
 
-def test_ranks_with_different_forward_counts_train_to_the_end(tiny_bert, synthetic_dataset, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ranks_with_different_forward_counts_train_to_the_end(tiny_bert, synthetic_dataset, tmp_path, strategy):
     """DDP used to broadcast buffers in every forward: ranks whose steps split into a different
     number of forward chunks issued mismatched collectives (a hang under nccl, a stuck or failed
-    run under gloo). Two gloo workers with such steps must finish and train every group once."""
+    run under gloo); FSDP gathers and reduces in every forward and backward, so it ran without a
+    token budget. Two gloo workers with such steps must finish and train every group once."""
     counts = forwards_per_rank(tiny_bert, synthetic_dataset, 128, 16, 2)
     assert any(a != b for a, b in zip(*counts)), "the test data no longer gives the ranks different forward counts"
     out = torchrun(2, "--data", str(synthetic_dataset), "--out", str(tmp_path / "model"), "--timeout-s", "120",
+                   "--set", f"scale.parallel_strategy={strategy}",
                    "--set", f"model.backbone={tiny_bert}", "--set", "model.max_length=128", "--set", "optim.lr=3e-3",
                    "--set", f"optim.max_tokens_per_forward={MAX_TOKENS}", "--set", "scale.checkpoint_every=3")
     assert out.returncode == 0, out.stderr[-4000:]
