@@ -11,6 +11,25 @@ from torch import nn
 from rmcore.batching import pack_chunks, pad_chunks
 
 
+PACKING_FLOORS = {"transformers": "4.54", "torch": "2.6"}
+
+
+def packing_version_problem(torch_version: str | None = None, transformers_version: str | None = None) -> str | None:
+    """Why these torch/transformers versions cannot run packed rows, or None. Packing needs
+    transformers to read sequence boundaries off restarting position ids when no attention mask is
+    given (masking_utils' packed-sequence detection, transformers 4.54) and, for SDPA and eager
+    attention, to build that block-diagonal mask, which it does on torch >= 2.6 only; older versions
+    silently attend across the packed sequences. Defaults: the installed versions."""
+    from packaging.version import Version
+
+    import transformers
+
+    found = {"torch": torch_version or torch.__version__, "transformers": transformers_version or transformers.__version__}
+    old = [f"{name} {found[name]} < {floor}" for name, floor in PACKING_FLOORS.items()
+           if Version(found[name].split("+")[0]).release < Version(floor).release]
+    return f"{', '.join(old)}: packed rows would attend across sequences" if old else None
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")

@@ -154,6 +154,10 @@ class RewardModel(nn.Module):
         pooling, and no LoRA wrapper on a classification head."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+        from rmcore.inference import packing_version_problem
+
+        if problem := packing_version_problem():
+            return problem
         config = self.backbone.config
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             return f"{config.model_type} is not a decoder-only model (packing keeps causal attention inside each sequence)"

@@ -156,3 +156,17 @@ def test_training_packed_reaches_the_padded_result(tiny_qwen2, synthetic_dataset
     assert packed["pairs_trained"] == padded["pairs_trained"] > 0
     assert abs(packed["val_margin_mean"] - padded["val_margin_mean"]) <= 1e-4 * abs(padded["val_margin_mean"]) and padded["val_margin_mean"] > 0.1
     assert packed["val_accuracy"] == pytest.approx(padded["val_accuracy"], abs=0.01)
+
+
+def test_packing_is_refused_on_torch_or_transformers_without_packed_sequence_masks(tiny_llama, monkeypatch):
+    from rmcore import inference
+
+    assert inference.packing_version_problem() is None  # the installed versions
+    assert inference.packing_version_problem("2.13.0+cpu", "4.53.2") == "transformers 4.53.2 < 4.54: packed rows would attend across sequences"
+    assert "torch 2.5.1 < 2.6" in inference.packing_version_problem("2.5.1", "4.57.0")
+    assert inference.packing_version_problem("2.6.0", "4.54.0") is None
+    monkeypatch.setattr(inference, "packing_version_problem", lambda: "transformers 4.46.0 < 4.54: packed rows would attend across sequences")
+    model = RewardModel.from_backbone(ModelConfig(backbone=str(tiny_llama), head="scalar"), 0)
+    with pytest.raises(ValueError, match="transformers 4.46.0 < 4.54"):
+        resolve_packing("on", model, CPU)
+    assert resolve_packing("auto", model, torch.device("cuda")) is False
