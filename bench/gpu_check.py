@@ -15,7 +15,8 @@ carries (`CARRIED`): no Ray, Prefect, MLflow or network. Checks (`--only` picks 
   after the first checkpoint and the run must resume from it and train every prompt group once.
 - `mfu`: `rmflow bench packing` per `--sizes` (random-init Qwen2 0.5B / 1.5B shapes, real hh-rlhf
   lengths), each size in its own process (its GPU memory freed when it ends, one size's failure
-  kept to its own table): padded batch-of-8 vs bucketed vs packed, pairs/s and MFU. The issue's
+  kept to its own table): padded batch-of-8 vs bucketed vs packed, pairs/s and MFU (against the
+  GPU's datasheet bf16 dense peak, the measured matmul peak beside it; every system timed alike). The issue's
   targets (1.5B packed ≥ 40 % MFU and ≥ 5× the padded pairs/s) are reported as `targets`; a missed
   target is a finding, not a failed check.
 - `fsdp`: `--parallel-strategy fsdp` on one GPU (world size 1): trains, saves a model folder in the
@@ -259,7 +260,8 @@ def check_mfu(work: Path, sizes: list[str], shared: Path, t: Target) -> dict[str
     targets = {}
     if isinstance(tables.get("1.5b"), list):
         rows = {r["system"]: r for r in tables["1.5b"]}
-        targets = {"1.5b_packed_mfu_ge_0.40": rows["packed"]["mfu"] >= 0.40,
+        mfu = rows["packed"]["mfu"]  # against the datasheet peak; None on a GPU the table does not know
+        targets = {"1.5b_packed_mfu_ge_0.40": mfu >= 0.40 if mfu is not None else "unknown: GPU not in the datasheet table",
                    "1.5b_packed_ge_5x_padded8": rows["packed"]["pairs_per_s"] >= 5 * rows["padded-batch-of-8"]["pairs_per_s"],
                    "packed_ahead_of_bucketed": rows["packed"]["pairs_per_s"] > rows["bucketed"]["pairs_per_s"]}
     row = {"tables": tables, "targets": targets}

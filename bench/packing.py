@@ -11,8 +11,11 @@ real hh-rlhf lengths, the same run.
 The decoder is Qwen2-shaped with random weights (`--size`: tiny for CPU; 0.5b, 1.5b for a GPU) over
 the MiniLM tokenizer's ids. Reported per system: pairs/s, useful (non-pad) tokens/s, the padding
 fraction of what was computed and, on CUDA, MFU on useful tokens: 6 · non-embedding params ·
-useful tokens / s / the bf16 matmul peak measured here. One JSON line per system; the last line
-holds them all.
+useful tokens / s over the GPU's datasheet bf16 dense peak (`DATASHEET_BF16_DENSE_TFLOPS`, by device
+name; an unknown GPU gets `mfu` null and `mfu_basis` saying so), with the bf16 matmul peak measured
+here and the MFU against it beside it. Every system is timed the same way: `WARMUP` untimed steps,
+then the timed steps, the GPU synchronised before the clock starts and before it stops. One JSON line
+per system; the last line holds them all.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import torch
 from rmcore.batching import EncodedGroup, Encoder, encode_groups
 from rmcore.config import RunConfig
 from rmcore.model import RewardModel, load_tokenizer, resolve_backbone
-from rmcore.train import split_rows, train_reward_model
+from rmcore.train import split_rows
 from rmflow.bench.train_vs_trl import emit, prepare
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate (Qwen2-0.5B and -1.5B shapes; tiny for CPU)
@@ -78,6 +82,32 @@ def random_decoder(size: str, out: Path, device: str, tokenizer: str = "minilm")
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
 
 
+# bf16 dense tensor-core peak, TFLOP/s, from NVIDIA's datasheets (no sparsity); the first name found in
+# torch.cuda.get_device_name() wins, so the variants come before the plain names
+DATASHEET_BF16_DENSE_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                               ("A100", 312.0), ("L40S", 362.0))
+WARMUP = 2  # untimed steps of every system
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    return next((tf for key, tf in DATASHEET_BF16_DENSE_TFLOPS if key in device_name), None)
+
+
+def timed(step: Callable[[int], tuple[int, int, int]], steps: int, device: torch.device) -> dict[str, float]:
+    """`step(i)` → (pairs, useful tokens, computed tokens), WARMUP untimed steps then `steps` timed ones."""
+    for i in range(WARMUP):
+        step(i)
+    _sync(device)
+    start = time.perf_counter()
+    pairs = useful = computed = 0
+    for i in range(WARMUP, WARMUP + steps):
+        p, u, c = step(i)
+        pairs, useful, computed = pairs + p, useful + u, computed + c
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"pairs_per_s": pairs / seconds, "useful_tokens": useful, "computed_tokens": computed, "seconds": seconds}
+
+
 def measured_peak_tflops() -> float:
     """bf16 matmul throughput of this GPU (8192³, 20 reps), the MFU denominator."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -97,45 +127,49 @@ def padded_batch_of_8(cfg: RunConfig, groups: list[EncodedGroup], steps: int, pa
     model = RewardModel.from_backbone(cfg.model, pad_id).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     seqs = [s for g in groups for s in g.seqs[:2]]
-    useful = computed = 0
-    start = 0.0
-    for step in range(steps + 2):  # two warm-up steps
-        if step == 2:
-            _sync(device)
-            start, useful, computed = time.perf_counter(), 0, 0
-        at = (step * 16) % max(1, len(seqs) - 16)
+
+    def step(i: int) -> tuple[int, int, int]:
+        at = (i * 16) % max(1, len(seqs) - 16)
         batch = seqs[at:at + 16]
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), pad_id, device=device)
         mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s, device=device)
-            mask[i, :len(s)] = 1
+        for row, s in enumerate(batch):
+            ids[row, :len(s)] = torch.tensor(s, device=device)
+            mask[row, :len(s)] = 1
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             r = model(ids, mask)
         (-torch.nn.functional.logsigmoid(r[0::2] - r[1::2]).mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        useful += int(mask.sum())
-        computed += mask.numel()
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {"pairs_per_s": 8 * steps / seconds, "useful_tokens": useful, "computed_tokens": computed, "seconds": seconds}
+        return len(batch) // 2, sum(len(s) for s in batch), ids.numel()
+
+    return timed(step, steps, device)
 
 
-def rmflow_loop(cfg: RunConfig, data: Path, groups: list[EncodedGroup], packing: bool) -> dict[str, float]:
-    """One epoch of rmflow's own training loop (in-process), padded-bucketed or packed."""
-    from rmcore.batching import collate, pack_chunks, pad_chunks, plan_batches
+def rmflow_loop(cfg: RunConfig, data: Path, groups: list[EncodedGroup], packing: bool, device: torch.device) -> dict[str, float]:
+    """rmflow's own training step (`_Loop`: token-capped micro-batches, forward and backward, optimiser
+    step) over epoch 0's batch plan, padded-bucketed or packed; WARMUP batches untimed."""
+    from rmcore.batching import collate, group_micro_batches, pack_chunks, pad_chunks
+    from rmcore.train import WorkerContext, _Loop
 
     run = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"packing": "on" if packing else "off"})})
-    summary = train_reward_model(run, data, None)
-    useful = sum(g.tokens for g in groups)
-    # what the forwards computed, pad included, over the loop's own step plan (one worker, one epoch)
+    pad_id = load_tokenizer(cfg.model.backbone).pad_token_id
+    model = RewardModel.from_backbone(run.model, pad_id).to(device)
+    loop = _Loop(run, model, model, groups, (split_rows(data, "validation"), []), pad_id,
+                 WorkerContext(device=device, show_progress=False), packing)
+    batches = [b for b, _ in loop.plan.steps(0)]
     chunks = pack_chunks if packing else pad_chunks
-    steps = plan_batches(groups, cfg.optim.pairs_per_step, cfg.optim.seed, 0)
-    computed = sum(c[1].numel() for b in steps for c in chunks(collate([groups[i] for i in b]).seqs, 0, cfg.optim.max_tokens_per_forward))
-    return {"pairs_per_s": summary["pairs_per_s"], "useful_tokens": useful, "computed_tokens": computed,
-            "seconds": summary["train_s"]}
+
+    def step(i: int) -> tuple[int, int, int]:
+        batch = [groups[g] for g in batches[i % len(batches)]]
+        loop._accumulate(batches[i % len(batches)], True, sync=True)
+        loop._optimizer_step()
+        computed = sum(c[1].numel() for part in group_micro_batches(batch, cfg.optim.max_tokens_per_forward)
+                       for c in chunks(collate([batch[g] for g in part]).seqs, 0, 0))
+        return sum(g.num_pairs for g in batch), sum(g.tokens for g in batch), computed
+
+    return timed(step, max(1, len(batches) - WARMUP), device)
 
 
 def _sync(device: torch.device) -> None:
@@ -147,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     peak = measured_peak_tflops() if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    datasheet = datasheet_peak_tflops(name) if peak else None
     rows = []
     with tempfile.TemporaryDirectory() as work:
         data = prepare("hh-rlhf", args.shared, Path(work), args.limit)
@@ -162,13 +198,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if system == "padded-batch-of-8":
                 m = padded_batch_of_8(cfg, groups, args.baseline_steps, tok.pad_token_id, device)
             else:
-                m = rmflow_loop(cfg, data, groups, packing=system == "packed")
+                m = rmflow_loop(cfg, data, groups, system == "packed", device)
             row = {"bench": "packing", "system": system, "size": args.size, "device": args.device,
                    "params_non_embedding": params, "pairs_per_s": round(m["pairs_per_s"], 2),
                    "useful_tokens_per_s": round(m["useful_tokens"] / m["seconds"], 1),
                    "padding": round(1 - m["useful_tokens"] / m["computed_tokens"], 3),
-                   "mfu": round(6 * params * m["useful_tokens"] / m["seconds"] / (peak * 1e12), 4) if peak else None,
-                   "peak_tflops": round(peak, 1) if peak else None}
+                   "mfu": round(6 * params * m["useful_tokens"] / m["seconds"] / (datasheet * 1e12), 4) if datasheet else None,
+                   "mfu_measured_peak": round(6 * params * m["useful_tokens"] / m["seconds"] / (peak * 1e12), 4) if peak else None,
+                   "peak_tflops_datasheet": datasheet, "peak_tflops_measured": round(peak, 1) if peak else None,
+                   "mfu_basis": (f"datasheet bf16 dense peak of {name}" if datasheet else
+                                 f"{name} is not in the datasheet table: MFU against the measured matmul peak only" if peak else None),
+                   "device_name": name, "timing": f"{WARMUP} warm-up steps untimed, synchronised before and after"}
             rows.append(row)
             emit(row)
     base = {r["system"]: r["pairs_per_s"] for r in rows}

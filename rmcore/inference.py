@@ -10,7 +10,6 @@ from torch import nn
 
 from rmcore.batching import pack_chunks, pad_chunks
 
-
 PACKING_FLOORS = {"transformers": "4.54", "torch": "2.6"}
 
 
@@ -20,9 +19,8 @@ def packing_version_problem(torch_version: str | None = None, transformers_versi
     given (masking_utils' packed-sequence detection, transformers 4.54) and, for SDPA and eager
     attention, to build that block-diagonal mask, which it does on torch >= 2.6 only; older versions
     silently attend across the packed sequences. Defaults: the installed versions."""
-    from packaging.version import Version
-
     import transformers
+    from packaging.version import Version
 
     found = {"torch": torch_version or torch.__version__, "transformers": transformers_version or transformers.__version__}
     old = [f"{name} {found[name]} < {floor}" for name, floor in PACKING_FLOORS.items()
