@@ -246,6 +246,33 @@ def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_locked
+def resolve_team_backends(start_local: bool = False) -> tuple[team.Database, team.Storage, dict[str, Any]]:
+    """The team's database server and bucket: the configured ones, else (with `start_local`) a local
+    PostgreSQL and SeaweedFS that rmflow starts, else a ServiceError saying what to set. Also returns
+    the status rows (`postgres`, `objectstore`) of what was started or pointed at."""
+    s = team.settings()
+    rows: dict[str, Any] = {}
+    if s.database_url:
+        db = team.Database.from_url(s.database_url.get_secret_value())
+        rows["postgres"] = {"url": db.url, "started": False, "note": "RMFLOW_DATABASE_URL"}
+    elif start_local:
+        db, rows["postgres"] = postgres.up()
+    else:
+        raise ServiceError("the team backends need RMFLOW_DATABASE_URL (or `rmflow up --team` to start a local PostgreSQL)")
+    if s.storage_url:
+        store = team.Storage.from_url(s.storage_url, s.endpoint_url, s.access_key_id,
+                                       s.secret_access_key.get_secret_value() if s.secret_access_key else None)
+        rows["objectstore"] = {"url": store.endpoint_url or "https://s3.amazonaws.com", "bucket": store.bucket,
+                               "prefix": store.prefix, "started": False, "note": "RMFLOW_STORAGE_URL"}
+    elif start_local:
+        store, rows["objectstore"] = objectstore.up()
+    else:
+        raise ServiceError("the team backends need RMFLOW_STORAGE_URL (or `rmflow up --team` to start a local object store)")
+    db.ensure_databases()
+    store.ensure_bucket()
+    return db, store, rows
+
+
 def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: bool = False, team_backends: bool = False) -> dict[str, Any]:
     """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
     also the receiver (watching the project with its retrain rule), the project's webhook to it and
@@ -259,7 +286,7 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: boo
     out: dict[str, Any] = {}
     db = store = None
     if team_backends or team.configured():
-        db, store, rows = team.backends(start_local=team_backends)
+        db, store, rows = resolve_team_backends(start_local=team_backends)
         out.update(rows)
     out["prefect"] = prefect_up(db=db)
     out["mlflow"] = mlflow_up(db=db, store=store)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -281,32 +280,3 @@ def configured() -> bool:
     """Whether the team backends are asked for by the environment (RMFLOW_DATABASE_URL or RMFLOW_STORAGE_URL)."""
     s = settings()
     return bool(s.database_url or s.storage_url)
-
-
-def backends(start_local: bool = False) -> tuple[Database, Storage, dict[str, Any]]:
-    """The team's database server and bucket: the configured ones, else (with `start_local`) a local
-    PostgreSQL and SeaweedFS that rmflow starts, else a ServiceError saying what to set. Also returns
-    the status rows (`postgres`, `objectstore`) of what was started or pointed at."""
-    from rmflow.infra import objectstore, postgres
-
-    s = settings()
-    rows: dict[str, Any] = {}
-    if s.database_url:
-        db = Database.from_url(s.database_url.get_secret_value())
-        rows["postgres"] = {"url": db.url, "started": False, "note": "RMFLOW_DATABASE_URL"}
-    elif start_local:
-        db, rows["postgres"] = postgres.up()
-    else:
-        raise ServiceError("the team backends need RMFLOW_DATABASE_URL (or `rmflow up --team` to start a local PostgreSQL)")
-    if s.storage_url:
-        store = Storage.from_url(s.storage_url, s.endpoint_url, s.access_key_id,
-                                 s.secret_access_key.get_secret_value() if s.secret_access_key else None)
-        rows["objectstore"] = {"url": store.endpoint_url or "https://s3.amazonaws.com", "bucket": store.bucket,
-                               "prefix": store.prefix, "started": False, "note": "RMFLOW_STORAGE_URL"}
-    elif start_local:
-        store, rows["objectstore"] = objectstore.up()
-    else:
-        raise ServiceError("the team backends need RMFLOW_STORAGE_URL (or `rmflow up --team` to start a local object store)")
-    db.ensure_databases()
-    store.ensure_bucket()
-    return db, store, rows

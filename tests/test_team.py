@@ -101,7 +101,7 @@ def test_pointed_at_existing_backends_starts_nothing(team_home, home, tmp_path, 
     monkeypatch.setenv("RMFLOW_STORAGE_URL", "s3://team-other/prefix")
     for var, value in store.env().items():
         monkeypatch.setenv(var, value)
-    got_db, got_store, rows = team.backends(start_local=True)
+    got_db, got_store, rows = stack.resolve_team_backends(start_local=True)
     assert (got_db.host, got_db.port, got_store.bucket, got_store.prefix) == (db.host, db.port, "team-other", "prefix")
     assert rows["postgres"]["started"] is False and rows["objectstore"]["started"] is False
     assert not (other / "postgres").exists() and not (other / "objectstore").exists()
