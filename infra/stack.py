@@ -245,7 +245,6 @@ def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@_locked
 def resolve_team_backends(start_local: bool = False) -> tuple[team.Database, team.Storage, dict[str, Any]]:
     """The team's database server and bucket: the configured ones, else (with `start_local`) a local
     PostgreSQL and SeaweedFS that rmflow starts, else a ServiceError saying what to set. Also returns
@@ -273,6 +272,7 @@ def resolve_team_backends(start_local: bool = False) -> tuple[team.Database, tea
     return db, store, rows
 
 
+@_locked
 def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: bool = False, team_backends: bool = False) -> dict[str, Any]:
     """Starts what is not running yet. With `serve` (the keyword arguments of `serve_settings`),
     also the receiver (watching the project with its retrain rule), the project's webhook to it and

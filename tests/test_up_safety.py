@@ -190,7 +190,7 @@ def test_two_ups_at_once_start_one_server(home, monkeypatch):
     stood in for by a slow-starting HTTP service: this is about `up`, not Prefect."""
     port, cmd = free_port(0), standin(home, "prefect", delay=1.5)
 
-    def fake_prefect_up():
+    def fake_prefect_up(**_: object):
         result = stack._start_http(stack.prefect_service(), port, cmd, {}, "/api/health", 30)
         return {**result, "api_url": result["url"] + "/api"}
 
