@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         summary = merge_ranks(summary, device, socket.gethostname())
         summary |= {"workers": world, "restarts": restarts, "launcher": "torchrun", "backend": dist.get_backend(),
                     "checkpoints": str(args.checkpoints)}
+        # gloo aborts a rank ("terminate called without an active exception") whose peer tears its
+        # pairs down while it is still in its last collective: leave together
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank != 0:
