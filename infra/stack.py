@@ -403,10 +403,13 @@ TEAM_BACKENDS = ("postgres", "objectstore")
 
 def _backend_status(name: str) -> dict[str, Any]:
     """The local server rmflow runs, else the configured one (RMFLOW_DATABASE_URL / RMFLOW_STORAGE_URL),
-    checked with a connection; neither: not running."""
+    checked with a connection; neither: not running, and "not in use" when no local one was ever set up."""
     local = (postgres if name == "postgres" else objectstore).status()
     settings = team.settings()
     if local["running"] or not (settings.database_url if name == "postgres" else settings.storage_url):
+        if not local["running"] and not (postgres.pg_home() if name == "postgres" else objectstore.store_home()).joinpath("data").exists():
+            local["reason"] = ("not in use: the embedded backends serve (SQLite, files under RMFLOW_HOME); "
+                               "`rmflow up --team` or RMFLOW_DATABASE_URL / RMFLOW_STORAGE_URL select this one")
         return local
     row: dict[str, Any] = {"url": None}
     try:

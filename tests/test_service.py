@@ -205,8 +205,13 @@ def test_status_lists_every_service_healthy(stack):
     from rmflow.infra import stack as st
 
     status = st.status()
-    assert set(status) == {"deployments", "receiver", "prefect", "mlflow", "labelstudio"}
-    assert all(s["healthy"] and s["pid"] and s["url"].startswith("http://127.0.0.1:") for s in status.values()), status
+    embedded = {"deployments", "receiver", "prefect", "mlflow", "labelstudio"}
+    assert set(status) == embedded | {"postgres", "objectstore"}
+    assert all(status[n]["healthy"] and status[n]["pid"] and status[n]["url"].startswith("http://127.0.0.1:")
+               for n in embedded), status
+    # this stack is embedded (SQLite, local files): the team backends are listed, not in use, and say so
+    for name in ("postgres", "objectstore"):
+        assert not status[name]["running"] and not status[name]["healthy"] and "not in use" in status[name]["reason"], status
     assert {d["name"] for d in httpx.post(f"{stack['api']}/deployments/filter", json={}).json()} >= {
         "reward-pipeline", "label-sensor", "request-reannotation"}
 
