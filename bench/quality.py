@@ -35,9 +35,9 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
-def default_config(kind: str, args: argparse.Namespace) -> RunConfig:
+def default_config(kind: str, args: argparse.Namespace, head: str = "auto") -> RunConfig:
     """rmflow's defaults, with the dataset's natural loss and the shared backbone/max length."""
-    return RunConfig.model_validate({"model": {"backbone": args.backbone, "max_length": args.max_length},
+    return RunConfig.model_validate({"model": {"backbone": args.backbone, "max_length": args.max_length, "head": head},
                                      "loss": {"name": DATASETS[kind][1]}, "optim": {"seed": args.seed}, "device": "cpu"})
 
 
@@ -47,10 +47,12 @@ def test_row(model_dir: Path, data: Path, started: float, extra: dict[str, Any])
             "test_pairs": metrics["n"], "wall_s": round(time.perf_counter() - started, 1), **extra}
 
 
-def run_default(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_default(kind: str, data: Path, args: argparse.Namespace, head: str = "auto") -> dict[str, Any]:
+    """rmflow's defaults; `head` scalar or seqcls: the same run with that head (model.head=auto's choice measured)."""
     started = time.perf_counter()
-    summary = train_reward_model(default_config(kind, args), data, data.parent / f"default-{kind}")
-    return test_row(data.parent / f"default-{kind}", data, started, {
+    out = data.parent / f"default-{head}-{kind}"
+    summary = train_reward_model(default_config(kind, args, head), data, out)
+    return test_row(out, data, started, {
         "val_accuracy": summary["val_accuracy"], "best_step": summary["best_step"], "steps": summary["steps"],
         "stopped_early_at": summary["stopped_early_at"]})
 
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=6, help="The tuned system's trial budget (configurations tried).")
     parser.add_argument("--time-budget-s", type=float, default=None, help="Wall-clock budget of each sweep.")
     parser.add_argument("--sweep", type=Path, default=None, help="YAML SweepConfig (space etc.); --trials overrides it.")
-    parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned to run.")
+    parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned, scalar, seqcls "
+                        "(rmflow's defaults with model.head forced) to run.")
     args = parser.parse_args(argv)
     args.pairs_per_step, args.device = 16, "cpu"  # TRL: its per-device batch; rmflow's default pairs_per_step is 16
     if not args.shared.is_dir():
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "test_pairs": trl["test_pairs"], "train_s": trl["train_s"]}
             if "default" in systems:
                 rows["default"] = run_default(kind, data, args)
+            for head in ("scalar", "seqcls"):
+                if head in systems:
+                    rows[head] = run_default(kind, data, args, head)
             if "tuned" in systems:
                 rows["tuned"] = run_tuned(kind, data, args)
             for system, row in rows.items():

@@ -61,11 +61,14 @@ class ModelConfig(_Strict):
     )
     head: Literal["auto", "scalar", "seqcls"] = Field(
         "auto", description="seqcls: AutoModelForSequenceClassification (num_labels=1). scalar: base model + "
-        "rmflow's scalar head with `pooling`. auto: seqcls for checkpoints saved as *ForSequenceClassification, "
-        "scalar otherwise.",
+        "rmflow's scalar head with `pooling`. auto: seqcls for checkpoints saved as *ForSequenceClassification "
+        "and for encoders (BERT-style: MiniLM, the default backbone), whose own classifier reads [CLS] through a "
+        "pooler, so their scalar head would have no Hugging Face equivalent to export; scalar for decoders, whose "
+        "*ForSequenceClassification `score` layer is exactly the scalar head with last pooling (exported as it). "
+        "Both heads measured with MiniLM in bench/RESULTS.md.",
     )
     pooling: Literal["last", "mean", "first"] = Field(
-        "last", description="Scalar head pooling: last non-pad token (correct under left and right padding), "
+        "last", description="Scalar head pooling (seqcls pools its own way): last non-pad token (correct under left and right padding), "
         "mean over non-pad tokens, or the first token ([CLS]).",
     )
     max_length: int = Field(256, ge=8, description="Tokens per (prompt, response). Over-long inputs are never "

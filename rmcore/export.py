@@ -3,17 +3,20 @@
 tokenizer — what TRL's PPO/GRPO reward functions, OpenRLHF's remote RM, vLLM's reward task and
 RewardBench expect.
 
-- `seqcls` head: the trained model already is one; it is written as it was trained.
+- `seqcls` head (what `model.head=auto` gives encoders such as the default MiniLM, so the default
+  champion exports): the trained model already is one; it is written as it was trained. rmflow
+  feeds encoders no `token_type_ids`, so they are all 0: score the response as part of one sequence,
+  not as a tokenizer's second segment (`rmflow_input` says so).
 - decoder + scalar head (last-token pooling): the base model goes into its `*ForSequenceClassification`
   class and rmflow's linear head becomes its `score` layer, so the logits equal rmflow's rewards.
   HF pools at the last token that is not `pad_token_id`; when pad == eos (most decoders) that would
   skip the eos rmflow pools at, so the export gets a pad token of its own. HF's `score` has no
   bias: a non-zero head bias (pairwise losses never move it from its initial 0) is recorded as
   `rmflow_reward_bias` and the logits are the rewards minus it.
-- encoder + scalar head (BERT-style): no exact mapping. HF's encoder classifiers read the [CLS]
-  vector through a pooler (dense + tanh) that rmflow's head does not have, and rmflow pools the last
-  token by default. Such a model raises `ExportUnavailable`; train with `model.head=seqcls` for an
-  exportable encoder, or serve it through the pyfunc or `rmflow serve-rm`.
+- encoder + scalar head (only when asked for: `model.head=scalar`): no exact mapping. HF's encoder
+  classifiers read the [CLS] vector through a pooler (dense + tanh) that rmflow's head does not
+  have, and rmflow pools the last token by default. Such a model raises `ExportUnavailable`; train
+  with the default head for an exportable encoder, or serve it through the pyfunc or `rmflow serve-rm`.
 
 `config.json` carries `mean`/`std` of the rewards over the training completions (OpenRLHF's
 `normalize_reward` reads these names; the bias is folded into `mean`), and `rmflow_input`: how
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rmcore.model import RewardModel, read_meta
+from rmcore.model import RewardModel, read_meta, scalar_head_exportable
 
 PAD_TOKEN = "<|rmflow_pad|>"
 
@@ -47,14 +50,14 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         hf = model.backbone
     else:
         config = model.backbone.config
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
-        probe = AutoModelForSequenceClassification.from_config(config.__class__.from_dict({**fields, "num_labels": 1}))
-        if not hasattr(probe, "score") or model.cfg.pooling != "last":
+        if not scalar_head_exportable(config) or model.cfg.pooling != "last":
             raise ExportUnavailable(
                 f"{type(model.backbone).__name__} with rmflow's scalar head ({model.cfg.pooling} pooling) has no exact "
                 "AutoModelForSequenceClassification equivalent (encoder classifiers pool [CLS] through dense+tanh); "
-                "train with model.head=seqcls for an exportable encoder, or use the pyfunc / rmflow serve-rm")
-        hf = probe
+                "train with model.head=seqcls (model.head=auto's choice for encoders) for an exportable encoder, "
+                "or use the pyfunc / rmflow serve-rm")
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+        hf = AutoModelForSequenceClassification.from_config(config.__class__.from_dict({**fields, "num_labels": 1}))
         getattr(hf, hf.base_model_prefix).load_state_dict(model.backbone.state_dict())
         with torch.no_grad():
             hf.score.weight.copy_(model.head.weight)
@@ -83,5 +86,6 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
 def input_format(tok: Any) -> str:
     """How rmflow turns (prompt, response) into ids for this tokenizer, for the export's users."""
     if tok.sep_token is not None:
-        return f"{tok.cls_token or ''} prompt {tok.sep_token} response {tok.sep_token}".strip()
+        segments = " (token_type_ids all 0)" if "token_type_ids" in tok.model_input_names else ""
+        return f"{tok.cls_token or ''} prompt {tok.sep_token} response {tok.sep_token}".strip() + segments
     return f"{tok.bos_token or ''}prompt + response{tok.eos_token or ''} (no separator; the reward is read at the final eos)"

@@ -1,9 +1,10 @@
 """`RewardModel`: a Hugging Face backbone that maps (prompt, response) token ids to one scalar.
 
-Two heads. `seqcls` is AutoModelForSequenceClassification with num_labels=1, for checkpoints that
-already are reward/classification models. `scalar` is the base model plus rmflow's own linear head:
-used for base checkpoints, because HF's classification heads pool through `pad_token_id` (wrong
-when pad == eos) or add a randomly initialised pooler (BERT).
+Two heads. `seqcls` is AutoModelForSequenceClassification with num_labels=1: for checkpoints that
+already are reward/classification models, and for encoders (BERT's classifier reads [CLS] through
+its pooler; it exports as it is). `scalar` is the base model plus rmflow's own linear head, for
+decoders: HF's decoder classifiers pool through `pad_token_id` (wrong when pad == eos), so rmflow
+pools itself and the export maps the head onto their `score` layer. `_head_kind` chooses.
 
 Saved layout: `backbone/` (save_pretrained, safetensors, with the tokenizer), `head.safetensors`
 (scalar head), `rmflow_model.json` (+ `reward_stats` once the train stage measured them). LoRA
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from rmcore.batching import uses_chat_template
 from rmcore.config import ModelConfig
@@ -78,11 +79,38 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def _classifier_probe(config: PretrainedConfig) -> nn.Module | None:
+    """This architecture's *ForSequenceClassification (num_labels=1) on the meta device (no weights
+    allocated), or None when it has none."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config.__class__.from_dict({**fields, "num_labels": 1}))
+    except ValueError:
+        return None
+
+
+def scalar_head_exportable(config: PretrainedConfig) -> bool:
+    """Whether this architecture's *ForSequenceClassification is exactly rmflow's scalar head with
+    last-token pooling: a bias-free per-token `score` layer read at the last non-pad token (the
+    decoders). Encoders' classifiers read [CLS] through a pooler (BERT: dense + tanh) instead, so
+    their scalar head has no Hugging Face equivalent."""
+    return hasattr(_classifier_probe(config), "score")
+
+
 def _head_kind(cfg: ModelConfig, path: str) -> str:
+    """`model.head=auto`, documented at ModelConfig.head: a checkpoint saved as a classifier stays
+    one; a decoder gets the scalar head (exported exactly as its `score` layer); an encoder gets its
+    own classifier (seqcls), so what it trains exports as it is (both heads measured on the shared
+    data with MiniLM: bench/RESULTS.md)."""
     if cfg.head != "auto":
         return cfg.head
-    archs = AutoConfig.from_pretrained(path).architectures or []
-    return "seqcls" if any(a.endswith("ForSequenceClassification") for a in archs) else "scalar"
+    config = AutoConfig.from_pretrained(path)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return "seqcls"
+    probe = _classifier_probe(config)
+    # no classifier class at all: only the scalar head can train (and it does not export)
+    return "seqcls" if probe is not None and not hasattr(probe, "score") else "scalar"
 
 
 class RewardModel(nn.Module):

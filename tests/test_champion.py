@@ -103,7 +103,7 @@ def test_decoder_export_logits_equal_rmflow_rewards(tiny_qwen2, tmp_path, bias):
 
 
 def test_encoder_scalar_head_is_not_exported_and_says_why(tiny_bert, tmp_path):
-    model = RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert)))
+    model = RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert), head="scalar"))
     model.save_pretrained(tmp_path / "rm", load_tokenizer(str(tiny_bert)))
     with pytest.raises(ExportUnavailable, match="model.head=seqcls"):
         export_hf(tmp_path / "rm", tmp_path / "hf")

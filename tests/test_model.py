@@ -61,12 +61,25 @@ def test_save_and_reload_gives_identical_scores(tiny_bert, tmp_path):
     assert torch.equal(before, loaded(ids, mask))
 
 
-def test_lora_trains_head_in_full_and_saves_merged(tiny_bert, tmp_path):
-    model = RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert), lora_r=4))
+def test_auto_head_is_seqcls_for_encoders_and_scalar_for_decoders(tiny_bert, tiny_llama):
+    # the encoder's own classifier exports as it is; a decoder's scalar head maps onto its `score` layer
+    assert RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert))).kind == "seqcls"
+    assert RewardModel.from_backbone(ModelConfig(backbone=str(tiny_llama))).kind == "scalar"
+    assert RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert), head="scalar")).kind == "scalar"
+
+
+@pytest.mark.parametrize("head", ["scalar", "seqcls"])
+def test_lora_trains_head_in_full_and_saves_merged(tiny_bert, tmp_path, head):
+    model = RewardModel.from_backbone(ModelConfig(backbone=str(tiny_bert), lora_r=4, head=head))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"head.weight", "head.bias"} <= trainable
+    if head == "scalar":
+        assert {"head.weight", "head.bias"} <= trainable
+    else:  # peft keeps BERT's classifier as a full copy (modules_to_save)
+        assert {n for n in trainable if "classifier" in n and "lora_" not in n} >= {
+            "backbone.base_model.model.classifier.modules_to_save.default.weight",
+            "backbone.base_model.model.classifier.modules_to_save.default.bias"}
     assert any("lora_" in n for n in trainable)
-    assert not any("lora_" not in n and n.startswith("backbone") for n in trainable)
+    assert not any("lora_" not in n and "classifier" not in n and n.startswith("backbone") for n in trainable)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
