@@ -512,6 +512,42 @@ def status() -> None:
 
 
 @app.command()
+def migrate(
+    from_mlflow: Optional[str] = typer.Option(None, help="Source tracking URI (default: RMFLOW_HOME's embedded SQLite store)."),
+    to_mlflow: Optional[str] = typer.Option(None, help="Target MLflow server (default: the one `rmflow up --team` started)."),
+    data_from: Optional[Path] = typer.Option(None, help="Source data root (default: RMFLOW_HOME/datasets)."),
+    data_to: Optional[str] = typer.Option(None, help="Target s3://BUCKET/PREFIX (default: the team bucket's datasets/)."),
+    model: Optional[list[str]] = typer.Option(None, help="Only this registered model (repeatable; default: all)."),
+    mlflow: bool = typer.Option(True, help="Copy the registered models."),
+    data: bool = typer.Option(True, help="Copy the dataset versions."),
+    labelstudio_export: Optional[Path] = typer.Option(None, help="Write Label Studio's projects, tasks and annotations to this file "
+                                                      "(from LABEL_STUDIO_URL or the local server; run before `up --team`)."),
+    labelstudio_import: Optional[Path] = typer.Option(None, help="Import such a file into Label Studio (after `up --team`)."),
+    project: Optional[list[str]] = typer.Option(None, help="Export only this Label Studio project (repeatable; default: all)."),
+) -> None:
+    """Move an embedded install onto the team backends: every registered model's versions (files
+    re-uploaded through the team MLflow server), tags, source runs and aliases, and the dataset
+    versions into the bucket, each verified by sha256; Label Studio's projects through an export file.
+    Never changes the source; safe to run again (copies nothing twice). README, "Team deployment"."""
+    from rmflow.infra import migrate as mig
+    from rmflow.infra.labelstudio_api import LabelStudioError
+    from rmflow.infra.process import ServiceError
+
+    try:
+        result = mig.migrate(from_mlflow, to_mlflow, data_from, data_to, model or None, mlflow, data, labelstudio_export,
+                             labelstudio_import, project or None)
+    except (*EXPECTED, ServiceError, LabelStudioError) as e:
+        fail(str(e))
+    if "mlflow" in result:
+        console.print(f"mlflow: {result['mlflow']['versions_copied']} version(s) copied, "
+                      f"{len(result['mlflow']['versions'])} in all; aliases: "
+                      + (", ".join(f"{a['name']}@{a['alias']} → {a['version']}" for a in result["mlflow"]["aliases"]) or "none"))
+    if "datasets" in result:
+        console.print(f"datasets: {result['datasets'].get('copied', 0)} file(s) copied, {result['datasets'].get('skipped', 0)} already there")
+    emit(result)
+
+
+@app.command()
 @with_config_options(RetrainPolicy)
 def serve(
     project: Project = DEFAULT_PROJECT,
