@@ -8,9 +8,11 @@ What is copied, and how a rerun knows it was (nothing is ever deleted or changed
   files re-uploaded *through the target server* (so they land where that server keeps artifacts: the
   bucket), its description and tags, and its source run (params, full metric history, tags, run
   artifacts such as `hf_model/`) in an experiment of the same name. Each target version carries
-  MIGRATED_FROM = "NAME/VERSION" of its source, each target run MIGRATED_FROM_RUN = the source run
-  id: a rerun finds them and copies nothing twice. A version's `run_id` tag (what rmflow's stages read)
-  names the target run; the source's is kept in SOURCE_RUN_ID. Then the aliases (champion…), each set
+  MIGRATED_FROM = "NAME/VERSION:RUN_ID" of its source (the run id, unique across installs, keeps
+  two people's "reward-model/1" apart when both move into one registry), each target run
+  MIGRATED_FROM_RUN = the source run id: a rerun finds them and copies nothing twice. A version's
+  `run_id` tag (what rmflow's stages read) names the target run; the source's is kept in
+  SOURCE_RUN_ID. Then the aliases (champion…), each set
   to the target version its source version became. An alias the target already points at a version
   that did not come from this migration (the team promoted its own) is left alone and reported.
   Not copied: legacy stages, run inputs (dataset lineage; the `dataset_version` tags stay), traces.
@@ -36,7 +38,7 @@ from rmflow.infra.process import ServiceError
 
 log = logging.getLogger("rmflow.infra")
 
-MIGRATED_FROM = "rmflow.migrated_from"  # on a target version: "NAME/VERSION" it was copied from
+MIGRATED_FROM = "rmflow.migrated_from"  # on a target version: source_key() of the version it was copied from
 MIGRATED_FROM_RUN = "rmflow.migrated_from_run"  # on a target run: the source run's id
 SOURCE_RUN_ID = "rmflow.source_run_id"  # a migrated version's source run id (its run_id tag names the new run)
 SHA_META = "sha256"  # S3 object metadata key holding the file's sha256
@@ -59,6 +61,12 @@ class ModelsReport:
     def as_dict(self) -> dict[str, Any]:
         return {"models": self.models, "versions": self.versions, "aliases": self.aliases, "runs_copied": self.runs_copied,
                 "versions_copied": sum(v["copied"] for v in self.versions)}
+
+
+def source_key(sv) -> str:
+    """What identifies a source version across installs: its name and number, and its run id (or,
+    without a run, its creation time in ms)."""
+    return f"{sv.name}/{sv.version}:{sv.run_id or sv.creation_timestamp}"
 
 
 def _pages(call, **kwargs) -> list:
@@ -91,7 +99,7 @@ def migrate_models(source_uri: str, target_uri: str, names: list[str] | None = N
         done = {v.tags.get(MIGRATED_FROM): v for v in _pages(dst.search_model_versions, filter_string=f"name='{rm.name}'")}
         mapping: dict[str, str] = {}
         for sv in sorted(_pages(src.search_model_versions, filter_string=f"name='{rm.name}'"), key=lambda v: int(v.version)):
-            key = f"{rm.name}/{sv.version}"
+            key = source_key(sv)
             if key in done:
                 mapping[str(sv.version)] = str(done[key].version)
                 report.versions.append({"name": rm.name, "source_version": str(sv.version), "version": str(done[key].version), "copied": False})
@@ -122,7 +130,7 @@ def _copy_version(src, dst, source_uri: str, sv, run_map: dict[str, str], report
             run_map[sv.run_id], copied = _copy_run(src, dst, source_uri, sv.run_id)
             report.runs_copied += copied
         run_id = run_map[sv.run_id]
-    tags = {**dict(sv.tags or {}), MIGRATED_FROM: f"{sv.name}/{sv.version}"}
+    tags = {**dict(sv.tags or {}), MIGRATED_FROM: source_key(sv)}
     if sv.run_id:
         tags[SOURCE_RUN_ID] = sv.run_id
         if tags.get("run_id") == sv.run_id:
@@ -139,7 +147,7 @@ def _copy_version(src, dst, source_uri: str, sv, run_map: dict[str, str], report
                                                         dst_path=tmp, tracking_uri=source_uri)
             experiment_id = dst.get_run(run_id).info.experiment_id if run_id else _experiment(dst, "Default")
             lm = dst.create_logged_model(experiment_id, name=_logged_name(src, sv), source_run_id=run_id,
-                                         tags={MIGRATED_FROM: f"{sv.name}/{sv.version}"})
+                                         tags={MIGRATED_FROM: source_key(sv)})
             dst.log_model_artifacts(lm.model_id, local)
             dst.finalize_logged_model(lm.model_id, "READY")
         source, model_id = f"models:/{lm.model_id}", lm.model_id
