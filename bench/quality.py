@@ -3,6 +3,8 @@ tuned (a Ray Tune sweep of --trials configurations, selected on the validation s
 run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
 
 The test split is read once per system, after training and selection are over: nothing selects on it.
+The run keeps its state (sweeps, their MLflow runs, models) in a temporary RMFLOW_HOME deleted at the
+end: a benchmark leaves nothing in the user's ~/.rmflow or MLflow.
 Prints one JSON line per (dataset, system) and a summary line.
 
 Run: `rmflow bench quality` or `python -m rmflow.bench.quality --help`.
@@ -87,7 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"shared data not found at {args.shared}; pass --shared")
     systems = args.systems.split(",")
     summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "trials": args.trials}
+    saved = {k: os.environ.get(k) for k in ("RMFLOW_HOME", "MLFLOW_TRACKING_URI")}
     with tempfile.TemporaryDirectory() as work:
+        os.environ["RMFLOW_HOME"] = str(Path(work) / "home")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # the sweep's MLflow runs go to that home's SQLite store
         for kind in args.datasets.split(","):
             data = prepare(kind, args.shared, Path(work), args.limit)
             rows = {}
@@ -107,6 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "trl" in rows:
                 summary[kind] = {f"{s}_minus_trl": round(r["test_accuracy"] - rows["trl"]["test_accuracy"], 4)
                                  for s, r in rows.items() if s != "trl"}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     emit(summary)
     return summary
 
