@@ -55,7 +55,46 @@ def watermark(params) -> str | None:
     return read_watermark(data_root(params)).at
 
 
-def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(label_studio, prefect_harness, params):
+def exported_champion_scores_like_rmflow(name: str, tmp_path: Path) -> None:
+    """`rmflow export` on a champion the pipeline promoted with the default head (what `rmflow demo`
+    promotes: an encoder, so model.head=auto → seqcls): the folder loads in
+    AutoModelForSequenceClassification with num_labels=1 and its logits are rmflow's rewards."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmcore.synthetic import synthetic_items
+    from rmflow.infra.mlflow_client import configure_mlflow
+    from rmflow.infra.model_uri import load_scorer
+
+    uri, out = f"models:/{name}@champion", tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "rmflow", "export", "--model", uri, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["kind"] == "seqcls"
+    assert configure_mlflow().get_model_version(name, "1").tags["hf_export"] == "hf_model"  # the pipeline's own export too
+    hf = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert hf.config.num_labels == 1 and hf.config.rmflow_input == "[CLS] prompt [SEP] response [SEP] (token_type_ids all 0)"
+    items = synthetic_items(3, 2, seed=8)
+    prompts, responses = [i.prompt for i in items for _ in i.responses], [r for i in items for r in i.responses]
+    # rmflow_input: one sequence, no second segment (a text pair would set token_type_ids to 1)
+    batch = tok([f"{p} {tok.sep_token} {r}" for p, r in zip(prompts, responses)], padding=True, return_tensors="pt")
+    scorer = load_scorer(uri)
+    assert [ids[:n] for ids, n in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(-1).tolist())] == \
+        scorer.encode(prompts, responses)
+    with torch.no_grad():
+        logits = hf(**batch).logits[:, 0].numpy()
+    rewards = scorer.score(prompts, responses)
+    assert np.ptp(rewards) > 1e-3  # a trained model that tells responses apart, not a constant
+    np.testing.assert_allclose(logits, rewards, atol=1e-4)
+
+
+def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(label_studio, prefect_harness, params, tmp_path):
     from rmcore.retrain import RetrainPolicy
     from rmflow.flows.pipeline import reward_pipeline
     from rmflow.flows.sensor import label_sensor
@@ -65,6 +104,7 @@ def test_pipeline_promotes_reuses_and_the_sensor_retrains_against_the_champion(l
     assert first["passed"] and first["champion_version"] == first["version"] == "1", first
     assert first["total_rankings"] == 80 and first["workers"] == 2
     assert watermark(params) == first["watermark"]
+    exported_champion_scores_like_rmflow(params.model_name, tmp_path)
 
     again = reward_pipeline(params)
     assert again["skipped"] and versions(params.model_name) == 1
