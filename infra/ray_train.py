@@ -34,6 +34,7 @@ from rmcore.model import META_FILE
 from rmcore.parallel import replicate, shard
 from rmcore.paths import rmflow_home
 from rmcore.train import WorkerContext, train_reward_model
+from rmflow.infra.process import ServiceError
 from rmflow.infra.team import fetch_dataset, is_bucket_uri, storage_for
 
 STATE_FILE = "state.pt"
@@ -53,10 +54,13 @@ def prepare_out_dir(out_dir: Path) -> None:
                               "(rmflow never deletes files it did not write)")
 
 
-def fit(cfg: RunConfig, data_dir: Path | str, out_dir: Path) -> dict[str, Any]:
+def fit(cfg: RunConfig, data_dir: Path | str, out_dir: Path, run_name: str | None = None) -> dict[str, Any]:
     """Trains and saves the model to `out_dir`; the summary gains `workers` and `restarts`.
-    `data_dir` is a dataset folder or a dataset version in the bucket (s3://…)."""
+    `data_dir` is a dataset folder or a dataset version in the bucket (s3://…). `run_name`: the
+    Ray Train run under `scale.storage_path` (see `run_ray_training`); only for Ray Train runs."""
     out_dir = Path(out_dir)
+    if run_name is not None and not cfg.scale.on_ray_train:
+        raise ValueError("a run name names a Ray Train run: train on Ray Train (--workers > 1 or --ray) to give one")
     if not is_bucket_uri(data_dir):
         data_dir = Path(data_dir)
         if not (data_dir / "manifest.json").is_file():
@@ -66,7 +70,7 @@ def fit(cfg: RunConfig, data_dir: Path | str, out_dir: Path) -> dict[str, Any]:
         ctx = WorkerContext(device=resolve_device(cfg.device))
         with local_dataset(str(data_dir)) as local:
             return train_reward_model(cfg, local, out_dir, ctx) | {"workers": 1, "restarts": 0}
-    return run_ray_training(cfg, data_dir, out_dir)
+    return run_ray_training(cfg, data_dir, out_dir, run_name)
 
 
 @contextlib.contextmanager
@@ -132,6 +136,11 @@ def _token_mode_if_token_at_hand() -> None:
 
 
 def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: str | None = None) -> dict[str, Any]:
+    """Trains on Ray Train as run `run_name` (default: a new name) under `scale.storage_path`. A
+    run started again with the name and storage of one that failed resumes from the last checkpoint
+    its controller registered there (Ray Train V2 restores a run from the checkpoint-manager snapshot
+    it finds under that name); `restarts` counts every worker-group start under the name. When the
+    bucket holding the run stops answering, the error names the store and the run to resume."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -145,7 +154,10 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
     run_name = run_name or f"rmflow-{uuid.uuid4().hex[:8]}"
     # one empty file per worker-group start, written by rank 0 wherever it runs: restarts = files - 1
     attempts = f"{storage}/{run_name}/attempts"
-    filesystem.create_dir(attempts)
+    try:
+        filesystem.create_dir(attempts)
+    except OSError as e:
+        raise _storage_failure(storage_uri, run_name, e) or e
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "attempts": attempts, "storage": storage_uri,
@@ -164,18 +176,36 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"Ray training failed: {result.error}")
-    with result.checkpoint.as_directory() as ckpt:
-        summary = json.loads((Path(ckpt) / FINAL_METRICS).read_text())
-        if out_dir.exists():  # an earlier rmflow model (prepare_out_dir refused anything else)
-            shutil.rmtree(out_dir)
-        shutil.copytree(Path(ckpt) / "model", out_dir)
-    restarts = len(filesystem.get_file_info(fs.FileSelector(attempts))) - 1
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise RuntimeError(f"Ray training failed: {result.error}")
+        with result.checkpoint.as_directory() as ckpt:  # the final checkpoint, read back from the storage
+            summary = json.loads((Path(ckpt) / FINAL_METRICS).read_text())
+            if out_dir.exists():  # an earlier rmflow model (prepare_out_dir refused anything else)
+                shutil.rmtree(out_dir)
+            shutil.copytree(Path(ckpt) / "model", out_dir)
+        restarts = len(filesystem.get_file_info(fs.FileSelector(attempts))) - 1
+    except Exception as e:  # noqa: BLE001 — Ray's error, unless the bucket it writes to is what went away
+        raise _storage_failure(storage_uri, run_name, e) or e
     summary.update(model_dir=str(out_dir), workers=cfg.scale.workers, restarts=restarts,
                    ray_run=f"s3://{storage}/{run_name}" if is_bucket_uri(storage_uri) else f"{storage}/{run_name}", **runtime)
     return summary
+
+
+def _storage_failure(storage_uri: str, run_name: str, error: Exception) -> ServiceError | None:
+    """When `storage_uri` is in a bucket that does not answer now, the error naming the store (never
+    its secret) and how to resume the run once it is back; else None (the error is Ray's to tell)."""
+    if not is_bucket_uri(storage_uri):
+        return None
+    store = storage_for(storage_uri)
+    try:
+        store.client(timeout_s=5, retries=1).head_bucket(Bucket=store.bucket)
+        return None
+    except Exception as probe:  # noqa: BLE001 — any failure to reach it is the answer
+        down = store.describe_error(probe, f"Ray Train wrote run {run_name} under {storage_uri}")
+    return ServiceError(f"{down}. Training failed ({type(error).__name__}); once the store is back, run it again with "
+                        f"--run-name {run_name} and --storage-path {storage_uri}: it resumes from the run's last checkpoint")
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:

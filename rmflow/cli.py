@@ -66,6 +66,9 @@ def train(
     out: Path = typer.Option(Path("out/model"), help="Where the trained reward model is saved (new, empty, or an earlier rmflow model)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON RunConfig; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="section.field=value override of any config field (repeatable)."),
+    run_name: Optional[str] = typer.Option(None, help="Name of the Ray Train run under --storage-path (default: a new one). "
+                                           "Give the name of a run that failed (the store went away, the driver died) to "
+                                           "resume it from its last checkpoint there."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a reward model (with a strength ensemble first when --ensemble > 0); prints pairs
@@ -73,6 +76,7 @@ def train(
     from pydantic import ValidationError
 
     from rmcore.config import load_run_config
+    from rmflow.infra.process import ServiceError
     from rmflow.tasks.strength import build_strength_dataset
     from rmflow.tasks.train import train_model
 
@@ -88,8 +92,8 @@ def train(
         if cfg.strength.ensemble:
             strength = build_strength_dataset(cfg, data)
             cfg, data = strength.run, Path(strength.dataset)
-        trained = train_model(cfg, data, out)
-    except EXPECTED as e:
+        trained = train_model(cfg, data, out, run_name)
+    except (*EXPECTED, ServiceError) as e:  # a service error names the store or server and what to do
         fail(str(e))
     summary = {k: v for k, v in trained.summary.items() if k not in ("group_train_counts", "history")}
     if strength is not None:

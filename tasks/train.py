@@ -27,15 +27,16 @@ def default_model_dir(data_dir: Path, cfg: RunConfig) -> Path:
     return Path(data_dir).parent / "models" / f"{Path(data_dir).name}-{content_hash(cfg.model_dump(mode='json'))[:8]}"
 
 
-def train_model(cfg: RunConfig, data_dir: Path | str, out_dir: Path | None = None) -> TrainedModel:
+def train_model(cfg: RunConfig, data_dir: Path | str, out_dir: Path | None = None, run_name: str | None = None) -> TrainedModel:
     """`data_dir`: a dataset folder, or a dataset version in the team's bucket (s3://…), which the
-    training workers copy for themselves and the driver copies for the reward statistics."""
+    training workers copy for themselves and the driver copies for the reward statistics.
+    `run_name`: the Ray Train run (the same name resumes a failed one, infra/ray_train.py)."""
     remote = is_bucket_uri(data_dir)
     if remote and out_dir is None:
         raise ValueError(f"training from {data_dir} needs an output folder (--out)")
     with local_dataset(str(data_dir)) as local:
         out_dir = Path(out_dir) if out_dir else default_model_dir(local, cfg)
-        summary = fit(cfg, str(data_dir) if remote else local, out_dir)
+        summary = fit(cfg, str(data_dir) if remote else local, out_dir, run_name)
         # the reward scale consumers normalise with (OpenRLHF's config mean/std, rmflow's normalize=True)
         scorer = RewardScorer(out_dir)
         stats = reward_stats(scorer, load_groups(local)["train"].to_list())

@@ -298,3 +298,189 @@ def test_label_studio_keeps_its_projects_in_postgres(team_home, home, monkeypatc
         assert cur.fetchone() == ("team-project",)
     conn.close()
     assert first["started"] and not (home / "labelstudio" / "data" / "label_studio.sqlite3").exists()
+
+
+# The pipeline's tail (register → evaluate → gate + promote: its own Prefect tasks, composed as
+# flows/pipeline.py composes them) as a flow of its own, in a process of its own: the team fixture
+# has no Label Studio to collect from, and training is not what a database restart is about.
+# argv: model name, model folder, evaluation dataset; the flow's result as JSON on the last line.
+REGISTER_AND_GATE = '''
+import json, sys
+from prefect import flow
+from rmcore.config import GateConfig
+from rmflow.tasks.evaluate import evaluate_task
+from rmflow.tasks.promote import promote_task
+from rmflow.tasks.register import register_task
+
+
+@flow(name="faults-register-and-gate")
+def register_and_gate(name: str, model_dir: str, eval_data: str) -> dict:
+    registered = register_task(name, model_dir)
+    promoted = promote_task(evaluate_task(registered, eval_data), GateConfig(min_accuracy=0.0, bootstrap=200))
+    return {"version": promoted.version, "passed": promoted.passed, "created": registered.created}
+
+
+print(json.dumps(register_and_gate(*sys.argv[1:4])))
+'''
+
+
+def test_postgres_restarted_while_a_version_is_registered_leaves_one_gated_version(team_home, home, tiny_bert,
+                                                                                   synthetic_dataset, tmp_path):
+    """PostgreSQL restarted while a flow on the team Prefect registers a model in the team MLflow
+    (its run being logged): the flow rides it out (the MLflow client retries the server's 5xx, the
+    Prefect client its 503s) or fails naming the server; after a rerun there is exactly one version,
+    gated, with its tags and its model's files."""
+    import time
+
+    import mlflow
+    import requests
+
+    from rmcore.config import RunConfig
+    from rmcore.names import EXPERIMENT
+    from rmcore.train import train_reward_model
+    from rmflow.infra.mlflow_client import configure_mlflow
+    from rmflow.infra.stack import prefect_api_url
+
+    name = "faults-pg-reward"
+    server, prefect_api = team_home[1]["mlflow"]["url"], prefect_api_url()
+    cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 64}, "optim": {"epochs": 1, "seed": 3}})
+    train_reward_model(cfg, synthetic_dataset, tmp_path / "model")
+    script = tmp_path / "register_and_gate.py"
+    script.write_text(REGISTER_AND_GATE)
+    env = clean_env(RMFLOW_HOME=str(home), PREFECT_API_URL=prefect_api)
+    argv = [sys.executable, str(script), name, str(tmp_path / "model"), str(synthetic_dataset)]
+    client = configure_mlflow()  # the team server (found through RMFLOW_HOME), the experiment created
+    assert client.tracking_uri == server
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    started_ms = int(time.time() * 1000)
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # restart once the flow's register step has opened its MLflow run (it is logging the model)
+        end = time.monotonic() + 180
+        while time.monotonic() < end and run.poll() is None:
+            if client.search_runs([experiment.experiment_id], f"attributes.start_time >= {started_ms} "
+                                    "and tags.`rmflow.kind` = 'register'"):
+                break
+            time.sleep(0.1)
+        assert run.poll() is None, "the flow ended before its register step opened a run: nothing was restarted under it"
+        gated_before = [v.tags.get("validation_status") for v in client.search_model_versions(f"name='{name}'")]
+        postgres.down()
+        # the outage is real from the server's side: a call through MLflow fails while the database is gone
+        answer = requests.get(f"{server}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=30)
+        assert answer.status_code >= 500, answer.text[:300]
+        db, row = postgres.up()
+        assert row["started"]
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert gated_before in ([], ["pending"]), gated_before  # the restart came before the gate
+    lines = out.strip().splitlines()
+    if run.returncode != 0:  # failing is allowed, if it says which server it lost
+        assert server in err or prefect_api in err or "PostgreSQL" in err, err[-3000:]
+    else:
+        assert json.loads(lines[-1])["passed"] in (True, False)
+    # the rerun gates what is registered (or finds it gated); it never registers a second version
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result["created"] is False and result["version"] == "1"
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.version for v in versions] == ["1"]
+    tags = versions[0].tags
+    assert tags["validation_status"] == ("passed" if result["passed"] else "failed") and tags["model_sha256"] and tags["run_id"]
+    # not half-registered: the version's model and its run's Hugging Face export are in the store
+    info = mlflow.models.get_model_info(f"models:/{name}/1")
+    assert info.flavors.get("python_function"), info.flavors
+    assert tags["hf_export"] != "hf_model" or client.list_artifacts(tags["run_id"], "hf_model")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from rmflow.infra.stack import using_prefect
+
+    with using_prefect(prefect_api), get_client(sync_client=True) as prefect:
+        states = [r.state_type.value for r in prefect.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["faults-register-and-gate"])))]
+    # both runs reached a final state on the team Prefect (none left RUNNING by the restart)
+    assert len(states) == 2 and set(states) <= {"COMPLETED", "FAILED"} and "COMPLETED" in states, states
+
+
+def test_objectstore_killed_while_ray_train_writes_a_checkpoint_names_the_store_and_the_rerun_resumes(
+        team_home, home, tiny_bert, synthetic_dataset, tmp_path):
+    """`rmflow train --ray` with its checkpoints in the bucket; SeaweedFS SIGKILLed once a checkpoint
+    was registered there and while a later one is being written (its objects in the bucket, not in
+    the controller's snapshot). The run fails naming the store's endpoint (never the secret) and the
+    run to resume; once `rmflow up --team` brought the store back, the same command with the same
+    --run-name resumes from the last checkpoint the snapshot registered."""
+    import time
+    import uuid
+
+    store = objectstore.storage(objectstore.service().state()["port"])
+    os.environ.update(store.env())
+    try:
+        uri = team.publish_dataset(synthetic_dataset, "s3://rmflow/datasets/faults/v1")
+    finally:
+        for var in store.env():
+            os.environ.pop(var, None)
+    run_name = f"faults-{uuid.uuid4().hex[:8]}"
+    prefix = f"ray-faults/{run_name}/"
+    # one worker on Ray Train, one epoch (~70 steps), a checkpoint every 8; --max-failures 0: with
+    # the store gone a restarted worker group could not even fetch the dataset, so fail at once
+    argv = [*RMFLOW, "train", "--data", uri, "--backbone", str(tiny_bert), "--max-length", "64", "--lr", "3e-3", "--epochs", "1",
+            "--workers", "1", "--ray", "--storage-path", "s3://rmflow/ray-faults", "--checkpoint-every", "8", "--max-failures", "0",
+            "--run-name", run_name, "--out", str(tmp_path / "model")]
+
+    def snapshot(client) -> dict | None:
+        try:
+            return json.loads(client.get_object(Bucket="rmflow", Key=prefix + "checkpoint_manager_snapshot.json")["Body"].read())
+        except client.exceptions.NoSuchKey:
+            return None
+
+    def checkpoint_dirs(client) -> set[str]:
+        keys = [o["Key"][len(prefix):] for o in client.list_objects_v2(Bucket="rmflow", Prefix=prefix + "checkpoint_").get("Contents", [])]
+        return {k.split("/")[0] for k in keys if "/" in k}
+
+    client, pid = store.client(), objectstore.service().state()["pid"]
+    trainer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env(RMFLOW_HOME=str(home), **store.env()))
+    killed: dict = {}
+    try:
+        end = time.monotonic() + 400
+        while time.monotonic() < end and trainer.poll() is None and not killed:
+            try:
+                written = checkpoint_dirs(client)  # listed first: a folder missing from the snapshot read after is not registered
+                snap = snapshot(client)
+            except Exception:  # noqa: BLE001 — the snapshot caught while it is replaced
+                time.sleep(0.02)
+                continue
+            registered = {r["checkpoint_dir_name"] for r in (snap or {}).get("checkpoint_results", [])}
+            # newer than every registered one (names are timestamps): being written, not an old one being deleted
+            writing = {d for d in written - registered if registered and d > max(registered)}
+            if writing:
+                os.killpg(pid, signal.SIGKILL)
+                killed = {"registered": registered, "writing": writing}
+            time.sleep(0.02)
+        out, err = trainer.communicate(timeout=300)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert killed, f"never caught a checkpoint being written (rc {trainer.returncode}): {err[-2000:]}"
+    assert trainer.returncode != 0, "the run finished although its store was killed"
+    lines = out.strip().splitlines()
+    error = json.loads(lines[-1])["error"] if lines and lines[-1].startswith("{") else err[-3000:]  # the CLI's error line, not a traceback
+    assert store.endpoint_url in error and "object store" in error and f"--run-name {run_name}" in error, error
+    assert store.secret_access_key not in out + err
+
+    result, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=clean_env(RMFLOW_HOME=str(home)))
+    assert proc.returncode == 0 and result["objectstore"]["started"], proc.stderr[-2000:]
+    store = objectstore.storage(objectstore.service().state()["port"])
+    snap = snapshot(store.client())
+    assert not killed["writing"] & {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}  # never registered
+    last_good = snap["latest_checkpoint_result"]["metrics"]["step"]
+    assert last_good >= 8
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=clean_env(RMFLOW_HOME=str(home), **store.env()))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["ray_run"] == f"s3://rmflow/ray-faults/{run_name}" and summary["resumed_from_step"] == last_good
+    assert summary["restarts"] >= 1 and (tmp_path / "model" / "rmflow_model.json").is_file()
+    assert store.secret_access_key not in rerun.stdout + rerun.stderr
