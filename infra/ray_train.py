@@ -167,6 +167,7 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
             num_workers=max(1, cfg.scale.workers),
             use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})},
+            placement_strategy=cfg.scale.placement_strategy,
         ),
         run_config=RayRunConfig(
             name=run_name,

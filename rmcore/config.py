@@ -147,6 +147,10 @@ class ScaleConfig(_Strict):
     )
     use_gpu: bool = Field(False, json_schema_extra={"cli": "gpu"}, description="One GPU per worker (nccl); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (leave the driver room).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Where Ray Train puts the workers (Ray's placement-group strategy): PACK fills a node "
+        "before the next (Ray's default; the fastest collectives), SPREAD prefers one worker per node, "
+        "STRICT_SPREAD requires it (as many nodes as workers), STRICT_PACK requires one node.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     storage_path: str | None = Field(None, description="Ray Train storage; must be shared storage (NFS, S3) "
