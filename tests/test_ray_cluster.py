@@ -32,7 +32,11 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    """Each node has a folder of its own (`nodes_dir[name]`): its working directory (`work`), its
+    TMPDIR (`tmp`) and Ray's temp dir (`t`), as on machines that share no disk. `env` is added to
+    every node's environment (e.g. the bucket's credentials: never on a command line)."""
+
+    def __init__(self, env: dict[str, str] | None = None, num_cpus: int = 1) -> None:
         # short: Ray's unix socket paths must fit in ~100 characters
         self.base = Path(tempfile.mkdtemp(prefix="rmray", dir="/tmp"))
         self.home = self.base / "home"
@@ -43,18 +47,25 @@ class Cluster:
         token_file.chmod(0o600)
         self.port, self.dashboard = free_port(6479), free_port(8365)
         self.address = f"127.0.0.1:{self.port}"
-        self.env = _clean_env(self.home, RAY_AUTH_MODE="token")  # what every node of the team's cluster has
+        self.env = _clean_env(self.home, RAY_AUTH_MODE="token", **(env or {}))  # what every node of the team's cluster has
+        self.num_cpus = num_cpus
         self.nodes: list[subprocess.Popen] = []
+        self.nodes_dir: dict[str, Path] = {}
 
     def _start(self, args: list[str], name: str) -> None:
         log = open(self.base / f"{name}.log", "wb")
-        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                                            "--object-store-memory", "150000000", "--disable-usage-stats", *args],
-                                           env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        own = self.nodes_dir[name] = self.base / name
+        for sub in ("work", "tmp"):
+            (own / sub).mkdir(parents=True)
+        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus",
+                                            str(self.num_cpus), "--object-store-memory", "150000000", "--disable-usage-stats",
+                                            "--temp-dir", str(own / "t"), *args],
+                                           env=self.env | {"TMPDIR": str(own / "tmp"), "RMFLOW_HOME": str(own / "rmflow")},
+                                           cwd=own / "work", stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def start(self) -> None:
         self._start(["--head", "--port", str(self.port), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dashboard), "--temp-dir", str(self.base / "t")], "head")
+                     "--dashboard-port", str(self.dashboard)], "head")
         self._wait_nodes(1)
         self._start(["--address", self.address], "worker")
         self._wait_nodes(2)

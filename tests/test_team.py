@@ -216,17 +216,33 @@ def test_postgres_restart_is_ridden_out_by_mlflow_and_prefect(team_home, home):
         assert prefect.read_flow_runs(limit=1) is not None
 
 
-def test_rmflow_train_reads_the_dataset_from_the_bucket_checkpoints_there_and_resumes_after_a_kill(team_home, home, tiny_bert,
-                                                                                                 synthetic_dataset, tmp_path):
-    """`rmflow train --workers 2` with the dataset only in the bucket (the local copy it was
-    published from deleted first) and checkpoints in the bucket; a worker SIGKILLed after the first
-    checkpoint was registered there resumes from it. (One node: the two-node cluster is not built yet.)"""
-    import shutil
+def _train_workers_under(pid: int) -> list[psutil.Process]:
+    """Ray Train worker processes (`ray::RayTrainWorker…`) started by the Ray node whose `ray start` is `pid`."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
-    from rmflow.bench.faults import ray_train_workers
+
+def test_two_node_cluster_without_shared_disk_trains_from_the_bucket_and_resumes_a_killed_worker(team_home, home, tiny_bert,
+                                                                                              synthetic_dataset, tmp_path):
+    """A head and a second `ray start` node, each with its own working directory, TMPDIR, Ray temp
+    dir and RMFLOW_HOME, the bucket's credentials in each node's environment (never argv). The
+    dataset exists only in the bucket (the local copy it was published from deleted first);
+    `rmflow train --workers 2 --placement-strategy STRICT_SPREAD` joins the cluster and runs one
+    worker on each node, each copying the dataset into its own node's temp folder; the worker on the
+    second node is SIGKILLed once the controller registered a checkpoint in the bucket, and the run
+    resumes from that checkpoint, again on both nodes."""
+    import shutil
+    import uuid
+
+    from tests.test_ray_cluster import Cluster, _clean_env
 
     store = objectstore.storage(objectstore.service().state()["port"])
-    env = clean_env(RMFLOW_HOME=str(home), **store.env())  # the node's own credentials: Ray's processes inherit them
     local = tmp_path / "ds"
     shutil.copytree(synthetic_dataset, local)
     os.environ.update(store.env())
@@ -237,12 +253,13 @@ def test_rmflow_train_reads_the_dataset_from_the_bucket_checkpoints_there_and_re
             os.environ.pop(var, None)
     shutil.rmtree(local)
     client = store.client()
-    killed: list[int] = []
+    runs = f"ray/{uuid.uuid4().hex[:8]}"  # this test's runs only: another run's snapshot never triggers the kill
+    seen: dict[str, object] = {}
 
     def registered_checkpoints() -> int:
         """Checkpoints the controller registered (its snapshot in the bucket lists them): an object
         written alone may not be registered yet, and a kill before that restarts from scratch."""
-        for obj in client.list_objects_v2(Bucket="rmflow", Prefix="ray/").get("Contents", []):
+        for obj in client.list_objects_v2(Bucket="rmflow", Prefix=runs + "/").get("Contents", []):
             if obj["Key"].endswith("checkpoint_manager_snapshot.json"):
                 try:
                     return len(json.loads(client.get_object(Bucket="rmflow", Key=obj["Key"])["Body"].read())["checkpoint_results"])
@@ -250,24 +267,51 @@ def test_rmflow_train_reads_the_dataset_from_the_bucket_checkpoints_there_and_re
                     return 0
         return 0
 
-    def kill_after_first_checkpoint() -> None:
+    def kill_second_nodes_worker_after_first_checkpoint(cluster: Cluster) -> None:
+        head, second = cluster.nodes
         for _ in range(1500):
             if registered_checkpoints():
-                for proc in ray_train_workers():
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(proc.pid)
+                on_head, on_second = _train_workers_under(head.pid), _train_workers_under(second.pid)
+                if len(on_head) == 1 and len(on_second) == 1:
+                    victim = on_second[0]
+                    seen.update(cwd=victim.cwd(), tmpdir=victim.environ().get("TMPDIR"), has_key="AWS_SECRET_ACCESS_KEY" in victim.environ(),
+                                copies={name: sorted(str(p) for p in (d / "tmp").glob("rmflow-data-*/data/manifest.json"))
+                                        for name, d in cluster.nodes_dir.items()})
+                    os.kill(victim.pid, signal.SIGKILL)
+                    seen["killed"] = victim.pid
                     return
+                seen["placement"] = (len(on_head), len(on_second))
             threading.Event().wait(0.2)
 
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
-    summary, proc = cli("train", "--data", uri, "--backbone", str(tiny_bert), "--max-length", "64", "--lr", "3e-3",
-                        "--epochs", "2", "--workers", "2", "--storage-path", "s3://rmflow/ray", "--checkpoint-every", "2",
-                        "--max-failures", "2", "--out", str(tmp_path / "model"), env=env, timeout=600)
-    watcher.join(5)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary["ray_run"].startswith("s3://rmflow/ray/")
-    assert killed, "no worker was killed: the run ended before its first checkpoint reached the bucket"
+    cluster = Cluster(env=store.env(), num_cpus=2)  # room for both workers on either node: only the strategy spreads them
+    try:
+        cluster.start()
+        # the bucket's secret reaches the nodes through their environment, never a command line
+        for node in cluster.nodes:
+            for proc_ in psutil.Process(node.pid).children(recursive=True):
+                assert store.secret_access_key not in " ".join(proc_.cmdline())
+        watcher = threading.Thread(target=kill_second_nodes_worker_after_first_checkpoint, args=(cluster,), daemon=True)
+        watcher.start()
+        # the driver: the cluster's address and token (in HOME/.ray), and the bucket's credentials of its own
+        driver_env = _clean_env(cluster.home, RAY_ADDRESS=cluster.address, RMFLOW_HOME=str(home), **store.env())
+        summary, proc = cli("train", "--data", uri, "--backbone", str(tiny_bert), "--max-length", "64", "--lr", "3e-3",
+                            "--epochs", "2", "--workers", "2", "--placement-strategy", "STRICT_SPREAD",
+                            "--storage-path", f"s3://rmflow/{runs}", "--checkpoint-every", "2", "--max-failures", "2",
+                            "--out", str(tmp_path / "model"), env=driver_env, timeout=600)
+        watcher.join(5)
+        assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
+    finally:
+        cluster.stop()
+    assert summary["ray"] == "cluster" and summary["ray_address"] == cluster.address  # joined it, started no runtime
+    assert summary["ray_run"].startswith(f"s3://rmflow/{runs}/")
+    assert "killed" in seen, f"no worker on the second node was killed (workers on head/second node: {seen.get('placement')})"
+    second = cluster.nodes_dir["worker"]
+    # the killed worker was the second node's: its working dir (Ray Train's artifacts folder under that node's
+    # --temp-dir), its TMPDIR and bucket credentials from that node's environment, the dataset copied there
+    assert Path(seen["cwd"]).is_relative_to(second / "t"), seen
+    assert seen["tmpdir"] == str(second / "tmp") and seen["has_key"], seen
+    assert len(seen["copies"]["worker"]) == 1 and len(seen["copies"]["head"]) == 1, seen["copies"]
+    assert summary["workers"] == 2 and len(set(summary["worker_nodes"])) == 2  # the resumed group: again one rank per node
     assert summary["restarts"] >= 1 and summary["resumed_from_step"] >= 2
     assert (tmp_path / "model" / "rmflow_model.json").is_file() and not local.exists()
     assert store.secret_access_key not in proc.stdout + proc.stderr
