@@ -9,7 +9,8 @@ nccl with one GPU per local rank when `scale.use_gpu`, else gloo on the CPU. A c
 `scale.checkpoint_every` steps goes to `--checkpoints` (default MODEL.checkpoints/): one folder per
 step, rank 0's `state.pt`, every rank's `trained_rank{r}.json`, and a `complete` marker written
 last. With `torchrun --max-restarts N`, a failed worker restarts the group and the new attempt
-resumes from the newest complete checkpoint (`restarts`, `resumed_from_step` in the summary).
+resumes from the newest complete checkpoint (`restarts`, `resumed_from_step` in the summary); each
+attempt's process group meets under its own prefix of torchrun's store (`attempt_store`).
 Rank 0 prints the summary as the last stdout line (and to `--summary`). Imports torch, transformers
 and rmcore only: no Ray, Prefect or MLflow.
 """
@@ -85,6 +86,24 @@ def checkpoint_saver(root: Path, rank: int):
     return save
 
 
+def attempt_store(restarts: int, world: int, timeout: timedelta) -> dist.Store | None:
+    """The store this attempt's process group meets in: torchrun's agent store under a prefix of its own
+    per restart. The agent (c10d rendezvous, torch >= 2.5) keeps one store server for every restart and
+    torch adds no per-attempt prefix (pytorch/pytorch#135712), so a restarted rank read the dead
+    attempt's gloo addresses (or NCCL unique id) and hung in connectFullMesh until its timeout. The
+    restart count is the same on every rank of one node, not across nodes (an agent whose workers did
+    not fail restarts them without counting), so several nodes with restarts are refused: they need
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, with which torchrun gives every attempt a fresh store and this
+    returns None (torch's env:// rendezvous), as it does for a static rendezvous."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        raise SystemExit("torchrun on several nodes with --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                         "environment (its shared store would hand a restarted group the dead attempt's addresses)")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"rmflow/attempt_{restarts}", store)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -102,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=args.timeout_s),
+    timeout = timedelta(seconds=args.timeout_s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, rank=rank, world_size=world,
+                            store=attempt_store(restarts, world, timeout),
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
         # full tensors on the CPU under fsdp (the whole model may not fit one device)
