@@ -148,23 +148,22 @@ def padded_batch_of_8(cfg: RunConfig, groups: list[EncodedGroup], steps: int, pa
 
 
 def rmflow_loop(cfg: RunConfig, data: Path, groups: list[EncodedGroup], packing: bool, device: torch.device) -> dict[str, float]:
-    """rmflow's own training step (`_Loop`: token-capped micro-batches, forward and backward, optimiser
-    step) over epoch 0's batch plan, padded-bucketed or packed; WARMUP batches untimed."""
+    """rmflow's own training step (`TrainLoop.step`: token-capped micro-batches, forward and backward,
+    optimiser step) over epoch 0's batch plan, padded-bucketed or packed; WARMUP batches untimed."""
     from rmcore.batching import collate, group_micro_batches, pack_chunks, pad_chunks
-    from rmcore.train import WorkerContext, _Loop
+    from rmcore.train import TrainLoop, WorkerContext
 
     run = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"packing": "on" if packing else "off"})})
     pad_id = load_tokenizer(cfg.model.backbone).pad_token_id
     model = RewardModel.from_backbone(run.model, pad_id).to(device)
-    loop = _Loop(run, model, model, groups, (split_rows(data, "validation"), []), pad_id,
-                 WorkerContext(device=device, show_progress=False), packing)
+    loop = TrainLoop(run, model, model, groups, (split_rows(data, "validation"), []), pad_id,
+                     WorkerContext(device=device, show_progress=False), packing)
     batches = [b for b, _ in loop.plan.steps(0)]
     chunks = pack_chunks if packing else pad_chunks
 
     def step(i: int) -> tuple[int, int, int]:
         batch = [groups[g] for g in batches[i % len(batches)]]
-        loop._accumulate(batches[i % len(batches)], True, sync=True)
-        loop._optimizer_step()
+        loop.step([batches[i % len(batches)]])
         computed = sum(c[1].numel() for part in group_micro_batches(batch, cfg.optim.max_tokens_per_forward)
                        for c in chunks(collate([batch[g] for g in part]).seqs, 0, 0))
         return sum(g.num_pairs for g in batch), sum(g.tokens for g in batch), computed

@@ -128,7 +128,7 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     model = RewardModel.from_backbone(cfg.model, tokenizer.pad_token_id)  # on the CPU
     packing = resolve_packing(cfg.optim.packing, model, ctx.device)
     wrapped = ctx.prepare_model(model) if ctx.prepare_model else model.to(ctx.device)
-    loop = _Loop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
+    loop = TrainLoop(cfg, wrapped, model, train_groups, (val_rows, val_groups), tokenizer.pad_token_id, ctx, packing)
     summary = loop.run() | {"packing": packing}
     summary["dataset_version"] = read_manifest(data_dir)["version"]
     full = loop.saved_state()  # every rank: a collective when sharded
@@ -138,8 +138,14 @@ def train_reward_model(cfg: RunConfig, data_dir: Path, out_dir: Path | None, ctx
     return summary
 
 
-class _Loop:
-    def __init__(self, cfg, wrapped, model, train_groups, validation, pad_id, ctx: WorkerContext, packing: bool) -> None:
+class TrainLoop:
+    """One run of training: `run()` the whole of it (what `train_reward_model` does), or `step()` one
+    optimiser step over given planned batches (benchmarks, tests). `wrapped` is the model as the workers
+    run it (DDP, FSDP2, or `model` itself); `validation` is (rows, encoded groups)."""
+
+    def __init__(self, cfg: RunConfig, wrapped: nn.Module, model: RewardModel, train_groups: list[EncodedGroup],
+                 validation: tuple[list[dict[str, Any]], list[EncodedGroup]], pad_id: int, ctx: WorkerContext,
+                 packing: bool) -> None:
         self.cfg, self.wrapped, self.model, self.ctx, self.packing = cfg, wrapped, model, ctx, packing
         self.train_groups, self.pad_id = train_groups, pad_id
         self.val_rows, self.val_groups = validation
@@ -232,6 +238,18 @@ class _Loop:
             "resumed_from_step": math.ceil(self.resumed_from / cfg.optim.grad_accum),
             "history": self.history,
         }
+
+    def step(self, batches: list[list[int]]) -> float:
+        """One optimiser step over `batches` (planned batches of `train_groups` indices, e.g. from
+        `self.plan.steps(epoch)`; at most `optim.grad_accum` of them), each run as `run()` runs it:
+        token-capped micro-batches, forward and backward, the gradients all-reduced once under DDP;
+        then clipping, the optimiser and the scheduler. Each batch's loss weighs 1/`optim.grad_accum`, as
+        in `run()`. The run's position and accounting do not move. Returns the batches' mean loss."""
+        if not 1 <= len(batches) <= self.cfg.optim.grad_accum:
+            raise ValueError(f"a step takes 1 to optim.grad_accum={self.cfg.optim.grad_accum} batches, not {len(batches)}")
+        losses = [self._accumulate(b, True, sync=n == len(batches) - 1) for n, b in enumerate(batches)]
+        self._optimizer_step()
+        return sum(losses) / len(losses)
 
     def _accumulate(self, batch_groups: list[int], counts: bool, sync: bool) -> float:
         """Forward and backward of one planned batch in micro-batches of whole prompt groups of at most

@@ -12,12 +12,12 @@ import torch
 from rmcore.batching import Encoder, encode_groups, group_micro_batches
 from rmcore.config import RunConfig
 from rmcore.model import RewardModel, load_tokenizer
-from rmcore.train import WorkerContext, _Loop, split_rows, train_reward_model
+from rmcore.train import TrainLoop, WorkerContext, split_rows, train_reward_model
 
 BUDGET = 512  # tokens a micro-batch: a 48-pair step of the synthetic data splits into several
 
 
-def make_loop(backbone, data, **optim) -> _Loop:
+def make_loop(backbone, data, **optim) -> TrainLoop:
     # the scalar head: its init (std 1/sqrt(hidden)) gives gradients the tolerances below are set for;
     # BERT's own classifier starts at std 0.02, every reward ~0 and every gradient ~1e-5, where fp32
     # rounding (~1e-9, measured; the loop is the same for both heads) exceeds them
@@ -28,11 +28,11 @@ def make_loop(backbone, data, **optim) -> _Loop:
     torch.manual_seed(0)
     model = RewardModel.from_backbone(cfg.model, tok.pad_token_id)
     val_rows = split_rows(data, "validation")
-    return _Loop(cfg, model, model, encode_groups(split_rows(data, "train"), encoder), (val_rows, encode_groups(val_rows, encoder)),
-                 tok.pad_token_id, WorkerContext(show_progress=False), packing=False)
+    return TrainLoop(cfg, model, model, encode_groups(split_rows(data, "train"), encoder), (val_rows, encode_groups(val_rows, encoder)),
+                     tok.pad_token_id, WorkerContext(show_progress=False), packing=False)
 
 
-def gradients(loop: _Loop, batch: list[int], max_tokens: int) -> tuple[float, dict[str, torch.Tensor]]:
+def gradients(loop: TrainLoop, batch: list[int], max_tokens: int) -> tuple[float, dict[str, torch.Tensor]]:
     loop.opt.zero_grad(set_to_none=True)
     loop.max_tokens = max_tokens
     loss = loop._accumulate(batch, True, sync=True)
