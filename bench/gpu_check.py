@@ -11,8 +11,9 @@ carries (`CARRIED`): no Ray, Prefect, MLflow or network. Checks (`--only` picks 
   `bench/gpu_wheels.sh` put it there, else ../shared/data).
 - `train`: rmflow's training loop on a small random Qwen2-shaped decoder, bf16, packing on by
   default, distributed: under torchrun with nccl (world size 1 on one GPU: NCCL refuses two ranks on
-  one device), or through Ray Train when Ray is installed (`--launcher`). A worker is SIGKILLed
-  after the first checkpoint and the run must resume from it and train every prompt group once.
+  one device; 2 gloo ranks in the --cpu rehearsal), or through Ray Train when Ray is installed
+  (`--launcher`). A worker is SIGKILLed after the first checkpoint and the run must resume from it
+  and train every prompt group once.
 - `mfu`: `rmflow bench packing` per `--sizes` (random-init Qwen2 0.5B / 1.5B shapes, real hh-rlhf
   lengths), each size in its own process (its GPU memory freed when it ends, one size's failure
   kept to its own table): padded batch-of-8 vs bucketed vs packed, pairs/s and MFU (against the
@@ -139,10 +140,8 @@ class Target:
     def __init__(self, args: argparse.Namespace) -> None:
         self.cpu, self.launcher, self.tokenizer = args.cpu, args.launcher, args.tokenizer
         self.device = "cpu" if self.cpu else "cuda"
-        # two gloo ranks all-reduce on the CPU; NCCL takes one rank per GPU. The kill-and-resume run has
-        # one rank everywhere: a restarted 2-rank gloo group failed to reconnect its mesh here (torch 2.13)
+        # two gloo ranks all-reduce on the CPU, the kill-and-resume run included; NCCL takes one rank per GPU
         self.workers = 2 if self.cpu else 1
-        self.restart_workers = 1
         self.limit = 150 if self.cpu else None
         self.max_length = "256" if self.cpu else "1024"
         self.ends = time.monotonic() + args.deadline_s
@@ -202,18 +201,18 @@ def decoder(work: Path, t: Target) -> Path:
 
 
 def train(work: Path, data: Path, t: Target, name: str, sets: list[str], timeout: float,
-          killer: Callable[[Path], None] | None = None, workers: int | None = None) -> tuple[dict[str, Any], Path]:
+          killer: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], Path]:
     """One rmflow training run through the launcher; (summary, model folder)."""
     out = work / f"model-{name}"
     sets = [f"model.backbone={decoder(work, t)}", f"model.max_length={t.max_length}", "optim.pairs_per_step=16", *sets]
     if t.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers or t.workers),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(t.workers),
                "--max-restarts", "2", "-m", "rmflow.infra.torchrun", "--data", str(data), "--out", str(out),
                "--summary", str(work / f"{name}.json"), "--timeout-s", "120"]
         cmd += [a for s in sets + (["scale.use_gpu=true"] if not t.cpu else []) for a in ("--set", s)]
         run_dir = out.with_name(out.name + ".checkpoints")
     else:
-        cmd = [sys.executable, "-m", "rmflow.cli", "train", "--data", str(data), "--out", str(out), "--workers", str(workers or t.workers),
+        cmd = [sys.executable, "-m", "rmflow.cli", "train", "--data", str(data), "--out", str(out), "--workers", str(t.workers),
                "--ray", "--storage-path", str(work / f"ray-{name}"), "--max-failures", "2", *([] if t.cpu else ["--gpu"])]
         cmd += [a for s in sets for a in ("--set", s)]
         run_dir = work / f"ray-{name}"
@@ -232,7 +231,7 @@ def check_train(work: Path, data: Path, t: Target) -> dict[str, Any]:
 
     killed: list[int] = []
     summary, _ = train(work, data, t, "train", ["scale.checkpoint_every=5"], 300,
-                       killer=lambda d: kill_a_worker_after_first_checkpoint(d, killed, 300, t.launcher), workers=t.restart_workers)
+                       killer=lambda d: kill_a_worker_after_first_checkpoint(d, killed, 300, t.launcher))
     _require(bool(killed), "no worker was killed: the run ended before its first checkpoint")
     _require(summary["restarts"] >= 1 and summary["resumed_from_step"] >= 5, f"did not resume: {summary.get('restarts')} restarts, "
              f"resumed from step {summary.get('resumed_from_step')}")
