@@ -369,7 +369,9 @@ def migrate(source_mlflow: str | None = None, target_mlflow: str | None = None, 
 
 SOURCE_TASK = "rmflow_migrated_from"  # in a target task's `meta`: "PROJECT TITLE#SOURCE TASK ID"
 IMPORT_CHUNK = 200
-ANNOTATION_FIELDS = ("result", "lead_time", "was_cancelled", "ground_truth", "created_at", "updated_at")
+# what Label Studio's import keeps of an annotation besides its annotator; ids and timestamps it
+# sets itself (the time of the import)
+ANNOTATION_FIELDS = ("result", "lead_time", "was_cancelled", "ground_truth")
 
 
 def export_labelstudio(ls, titles: list[str] | None = None) -> dict[str, Any]:

@@ -528,3 +528,142 @@ def test_objectstore_killed_while_ray_train_writes_a_checkpoint_names_the_store_
     assert summary["ray_run"] == f"s3://rmflow/ray-faults/{run_name}" and summary["resumed_from_step"] == last_good
     assert summary["restarts"] >= 1 and (tmp_path / "model" / "rmflow_model.json").is_file()
     assert store.secret_access_key not in rerun.stdout + rerun.stderr
+
+
+def test_migrate_moves_an_embedded_install_to_the_team_backends(team_home, home, tiny_bert, synthetic_dataset, tmp_path, monkeypatch):
+    """`rmflow migrate`: an embedded install (SQLite MLflow with local artifacts, dataset folders)
+    into the team stack. The target already has a version of its own, so source versions 1, 2
+    become 2, 3 and the champion alias must follow the mapping; the model loads from the team server
+    by alias with the source's rewards; a rerun copies nothing; the source is unchanged."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from rmcore.config import RunConfig
+    from rmcore.scoring import RewardScorer
+    from rmcore.train import train_reward_model
+    from rmflow.infra import migrate
+    from rmflow.tasks.register import register_model
+
+    name, server = "embedded-reward", team_home[1]["mlflow"]["url"]
+    embedded = tmp_path / "embedded"
+    for seed in (0, 1):
+        cfg = RunConfig.model_validate({"model": {"backbone": str(tiny_bert), "max_length": 64}, "optim": {"epochs": 1, "seed": seed}})
+        train_reward_model(cfg, synthetic_dataset, tmp_path / f"model{seed}")
+    register_model(name, tmp_path / "model0")  # the team's own version 1, registered before the move
+    monkeypatch.setenv("RMFLOW_HOME", str(embedded))  # the embedded install
+    source_uri = f"sqlite:///{embedded / 'mlflow.db'}"
+    # its SQLite store, named outright: mlflow.set_tracking_uri (register_model above) exported the
+    # team server's URL as MLFLOW_TRACKING_URI, which rmflow reads first
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", source_uri)
+    for seed in (0, 1):
+        register_model(name, tmp_path / f"model{seed}")
+    src = MlflowClient(source_uri, source_uri)
+    src.set_registered_model_alias(name, "champion", "2")
+    src.set_model_version_tag(name, "2", "validation_status", "passed")
+    src.set_model_version_tag(name, "1", "validation_status", "failed")
+    src.update_model_version(name, "2", description="promoted by the gate")
+    run2 = src.get_model_version(name, "2").run_id
+    src.log_param(run2, "optim.lr", "3e-3")
+    for step, loss in enumerate((0.7, 0.5, 0.4)):
+        src.log_metric(run2, "loss", loss, step=step)
+    before = [(v.version, v.tags, v.source) for v in src.search_model_versions(f"name='{name}'")]
+    data_root = embedded / "datasets"
+    shutil.copytree(synthetic_dataset, data_root / "demo" / "versions" / "v1")
+    (data_root / "demo" / "watermark.json").write_text('{"at": "2026-12-04T00:00:00Z"}')
+    monkeypatch.setenv("RMFLOW_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    result, proc = cli("migrate", "--from-mlflow", source_uri, "--data-from", str(data_root), env=clean_env(RMFLOW_HOME=str(home)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(v["source_version"], v["version"], v["copied"]) for v in result["mlflow"]["versions"]] == [("1", "2", True), ("2", "3", True)]
+    dst = MlflowClient(server, server)  # registry named too: register_model set the global one to the source
+    v3 = dst.get_model_version(name, "3")
+    assert dst.get_registered_model(name).aliases == {"champion": "3"}
+    assert v3.tags["validation_status"] == "passed" and dst.get_model_version(name, "2").tags["validation_status"] == "failed"
+    assert v3.tags[migrate.MIGRATED_FROM] == f"{name}/2:{run2}" and v3.description == "promoted by the gate"
+    source_tags = src.get_model_version(name, "2").tags
+    assert {k: v for k, v in v3.tags.items() if k not in ("run_id", migrate.MIGRATED_FROM, migrate.SOURCE_RUN_ID)} == \
+        {k: v for k, v in source_tags.items() if k != "run_id"}
+    run = dst.get_run(v3.tags["run_id"])  # rmflow's run_id tag names the copied run on the team server
+    assert v3.run_id == run.info.run_id != run2 and run.data.params["optim.lr"] == "3e-3"
+    assert [m.value for m in dst.get_metric_history(run.info.run_id, "loss")] == [0.7, 0.5, 0.4]
+    assert "hf_model" in {a.path for a in dst.list_artifacts(run.info.run_id)}
+    # the files went through the server into the bucket
+    store = objectstore.storage(objectstore.service().state()["port"])
+    keys = [o["Key"] for page in store.client().get_paginator("list_objects_v2").paginate(Bucket="rmflow", Prefix="mlflow-artifacts/")
+            for o in page.get("Contents", [])]
+    model_id = v3.source.removeprefix("models:/")
+    assert model_id.startswith("m-") and any(model_id in k and k.endswith("model.safetensors") for k in keys), (v3.source, keys[:20])
+    # a consumer with the tracking URI only (no bucket variables, another RMFLOW_HOME) gets the champion
+    prompt, response = "How do I brew green tea?", "Steep it at 80 degrees for three minutes."
+    scored, proc = cli("score", "--model", f"models:/{name}@champion", "--prompt", prompt, "--response", response,
+                       env=clean_env(MLFLOW_TRACKING_URI=server, RMFLOW_HOME=str(tmp_path / "consumer")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert scored["rewards"] == pytest.approx(RewardScorer(tmp_path / "model1").score([prompt], [response]).tolist(), abs=1e-5)
+    # the dataset versions, byte for byte, under the team bucket's datasets/
+    assert result["datasets"]["to"] == "s3://rmflow/datasets" and result["datasets"]["dataset_versions"] == ["demo/versions/v1"]
+    back = store.download_dir("datasets", dest=tmp_path / "back")
+    local = {p.relative_to(data_root): p.read_bytes() for p in data_root.rglob("*") if p.is_file()}
+    assert {p.relative_to(back): p.read_bytes() for p in back.rglob("*") if p.is_file()} == local
+    # a rerun copies nothing; the source never changed
+    again = migrate.migrate(source_uri, server, data_root)
+    assert again["mlflow"]["versions_copied"] == 0 and again["mlflow"]["runs_copied"] == 0
+    assert again["datasets"]["copied"] == 0 and again["datasets"]["skipped"] == len(local)
+    assert not any(a["set"] for a in again["mlflow"]["aliases"])
+    assert len(dst.search_model_versions(f"name='{name}'")) == 3
+    assert [(v.version, v.tags, v.source) for v in src.search_model_versions(f"name='{name}'")] == before
+    assert {k: str(v) for k, v in src.get_registered_model(name).aliases.items()} == {"champion": "2"}  # SQLite gives ints
+
+
+def test_migrate_moves_label_studio_projects_with_their_annotators(team_home, home, label_studio, tmp_path_factory, tmp_path,
+                                                                   monkeypatch):
+    """`rmflow migrate --labelstudio-export` from the embedded Label Studio (SQLite), then
+    `--labelstudio-import` into Label Studio on the team's PostgreSQL: the project with its label
+    config, every task with its annotations, each on the same annotator (by email); a rerun imports
+    nothing."""
+    import uuid
+
+    from rmflow.infra import labelstudio, migrate
+    from rmflow.infra import labelstudio_api as lst
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    embedded = tmp_path_factory.getbasetemp() / "rmflow_home"  # the session Label Studio's home
+    monkeypatch.setenv("RMFLOW_HOME", str(embedded))
+    src, title, annotator = lst.connect(label_studio), f"moved-{uuid.uuid4().hex[:6]}", f"ann-{uuid.uuid4().hex[:6]}@rmflow.local"
+    pid = lst.ensure_project(src, title, k=2)
+    src.users.create(email=annotator, username=annotator)
+    items = [{"id": f"r{i}", "title": f"Response {i + 1}", "body": f"answer {i}"} for i in range(2)]
+    annotators = [(labelstudio.ADMIN, annotator), (annotator,), (labelstudio.ADMIN,)]  # per task: who ranked it
+    tasks = [{"data": {"prompt": f"question {n}", "items": items},
+              "annotations": [{"result": lst.ranker_result(["r0", "r1"] if n % 2 else ["r1", "r0"]), "completed_by": {"email": who}}
+                              for who in by]} for n, by in enumerate(annotators)]
+    src.projects.import_tasks(id=pid, request=tasks)
+    dump = tmp_path / "ls.json"
+    result, proc = cli("migrate", "--no-mlflow", "--no-data", "--labelstudio-export", str(dump), "--project", title,
+                       env=clean_env(RMFLOW_HOME=str(embedded)))
+    assert proc.returncode == 0 and result["labelstudio_export"] == {"file": str(dump), "projects": [title], "tasks": 3}, proc.stderr[-2000:]
+    monkeypatch.setenv("RMFLOW_HOME", str(home))
+    try:
+        labelstudio.up(port=18090, db=stack.labelstudio_db_env(postgres.database()))
+        result, proc = cli("migrate", "--no-mlflow", "--no-data", "--labelstudio-import", str(dump), env=clean_env(RMFLOW_HOME=str(home)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert result["labelstudio"]["projects"][0]["tasks_copied"] == 3
+        dst = lst.connect()
+        tid = lst.find_project(dst, title)
+        assert lst.label_config(dst, tid) == lst.label_config(src, pid)
+
+        def labels(ls, project_id: int) -> list[tuple]:
+            emails = {u.id: u.email for u in ls.users.list()}
+            return sorted((t["data"]["prompt"], emails[lst.annotation_user(a)], json.dumps(a["result"], sort_keys=True))
+                          for t in lst.pull_tasks(ls, project_id) for a in t["annotations"])
+
+        want = labels(src, pid)
+        assert len(want) == 4 and {w[1] for w in want} == {labelstudio.ADMIN, annotator}
+        assert labels(dst, tid) == want
+        again = migrate.import_labelstudio(dst, json.loads(dump.read_text()))
+        assert again["projects"][0]["tasks_copied"] == 0 and not again["projects"][0]["created"]
+        assert lst.project_task_count(dst, tid) == 3
+    finally:
+        labelstudio.down()
