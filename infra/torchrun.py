@@ -104,6 +104,23 @@ def attempt_store(restarts: int, world: int, timeout: timedelta) -> dist.Store |
     return dist.PrefixStore(f"rmflow/attempt_{restarts}", store)
 
 
+def leave_together(rank: int, world: int, timeout: timedelta) -> None:
+    """Returns once every rank is done with its collectives. gloo aborts a rank ("terminate called
+    without an active exception") whose peer tears its pairs down while it is still in a collective,
+    and a gloo barrier alone does not prevent it: a rank may leave the barrier, and the process, before
+    its last message reached a peer still inside. So after it, each rank marks itself done in the
+    process group's store (TCP, not gloo pairs) and waits for the others' marks. Rank 0 may host that
+    store (env:// rendezvous): it leaves last, once every other rank has said it is past its wait."""
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"rmflow/done/{rank}", "1")
+    store.wait([f"rmflow/done/{r}" for r in range(world)], timeout)
+    if rank:
+        store.set(f"rmflow/left/{rank}", "1")
+    else:
+        store.wait([f"rmflow/left/{r}" for r in range(1, world)], timeout)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -135,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         summary = merge_ranks(summary, device, socket.gethostname())
         summary |= {"workers": world, "restarts": restarts, "launcher": "torchrun", "backend": dist.get_backend(),
                     "checkpoints": str(args.checkpoints)}
-        # gloo aborts a rank ("terminate called without an active exception") whose peer tears its
-        # pairs down while it is still in its last collective: leave together
-        dist.barrier()
+        leave_together(rank, world, timeout)
     finally:
         dist.destroy_process_group()
     if rank != 0:

@@ -61,7 +61,8 @@ def label_studio(tmp_path_factory):
     shared across runs (RMFLOW_LABEL_STUDIO_VENV, default ~/.rmflow/labelstudio/venv): installing
     it takes a minute, once per machine."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
+    home = str(tmp_path_factory.getbasetemp() / "rmflow_home")
+    mp.setenv("RMFLOW_HOME", home)
     mp.setenv("RMFLOW_LABEL_STUDIO_VENV", os.environ.get("RMFLOW_LABEL_STUDIO_VENV", str(Path.home() / ".rmflow/labelstudio/venv")))
     mp.delenv("LABEL_STUDIO_URL", raising=False)
     mp.delenv("LABEL_STUDIO_API_KEY", raising=False)
@@ -69,6 +70,9 @@ def label_studio(tmp_path_factory):
 
     url = labelstudio.up(port=18080)["url"]
     yield url
+    # a module fixture set up before this one (test_team's stack) restores RMFLOW_HOME to its own
+    # earlier value when it ends: stop the server this fixture started, recorded in this home
+    os.environ["RMFLOW_HOME"] = home
     labelstudio.down()
     mp.undo()
 
