@@ -108,7 +108,7 @@ def migrate_models(source_uri: str, target_uri: str, names: list[str] | None = N
             mapping[str(sv.version)] = str(tv.version)
             report.versions.append({"name": rm.name, "source_version": str(sv.version), "version": str(tv.version), "copied": True})
         report.aliases.extend(_copy_aliases(src, dst, rm.name, mapping))
-    return {"from": _redact(source_uri), "to": target_uri, **report.as_dict()}
+    return {"from": _redact(source_uri), "to": _redact(target_uri), **report.as_dict()}
 
 
 def _ensure_registered_model(dst, rm) -> None:
@@ -116,7 +116,9 @@ def _ensure_registered_model(dst, rm) -> None:
 
     try:
         dst.get_registered_model(rm.name)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # the server down or refusing us is not "missing"
+            raise
         dst.create_registered_model(rm.name, tags=dict(rm.tags or {}), description=rm.description or None)
 
 
@@ -208,10 +210,10 @@ def _copy_run(src, dst, source_uri: str, source_run_id: str) -> tuple[str, int]:
 
 def _copy_aliases(src, dst, name: str, mapping: dict[str, str]) -> list[dict[str, Any]]:
     """Each source alias on the target version its version became; an alias the target points at a
-    version of its own (not migrated) is kept and reported."""
-    from mlflow.exceptions import MlflowException
-
+    version that did not come from this source (the team's own, or another install's migration) is
+    kept and reported."""
     out = []
+    from_here = set(mapping.values())
     target_aliases = dst.get_registered_model(name).aliases or {}
     for alias, version in sorted((src.get_registered_model(name).aliases or {}).items()):
         want = mapping.get(str(version))
@@ -219,15 +221,10 @@ def _copy_aliases(src, dst, name: str, mapping: dict[str, str]) -> list[dict[str
             continue
         have = target_aliases.get(alias)
         row = {"name": name, "alias": alias, "version": want, "set": False}
-        if have is not None and str(have) != want:
-            try:
-                own = MIGRATED_FROM not in (dst.get_model_version(name, str(have)).tags or {})
-            except MlflowException:
-                own = False
-            if own:
-                row.update(kept=str(have), note="the target's own version holds this alias; left alone")
-                out.append(row)
-                continue
+        if have is not None and str(have) != want and str(have) not in from_here:
+            row.update(kept=str(have), note="a version that did not come from this source holds this alias; left alone")
+            out.append(row)
+            continue
         if str(have) != want:
             dst.set_registered_model_alias(name, alias, want)
             row["set"] = True

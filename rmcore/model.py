@@ -86,7 +86,7 @@ def _classifier_probe(config: PretrainedConfig) -> nn.Module | None:
     try:
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config.__class__.from_dict({**fields, "num_labels": 1}))
-    except ValueError:
+    except Exception:  # noqa: BLE001 — no classifier class (ValueError), or one that cannot be built on meta
         return None
 
 

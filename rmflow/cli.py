@@ -533,6 +533,8 @@ def migrate(
     re-uploaded through the team MLflow server), tags, source runs and aliases, and the dataset
     versions into the bucket, each verified by sha256; Label Studio's projects through an export file.
     Never changes the source; safe to run again (copies nothing twice). README, "Team deployment"."""
+    from mlflow.exceptions import MlflowException
+
     from rmflow.infra import migrate as mig
     from rmflow.infra.labelstudio_api import LabelStudioError
     from rmflow.infra.process import ServiceError
@@ -540,7 +542,7 @@ def migrate(
     try:
         result = mig.migrate(from_mlflow, to_mlflow, data_from, data_to, model or None, mlflow, data, labelstudio_export,
                              labelstudio_import, project or None)
-    except (*EXPECTED, ServiceError, LabelStudioError) as e:
+    except (*EXPECTED, ServiceError, LabelStudioError, MlflowException) as e:  # MLflow's names the server it called
         fail(str(e))
     if "mlflow" in result:
         console.print(f"mlflow: {result['mlflow']['versions_copied']} version(s) copied, "

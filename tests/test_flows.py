@@ -243,10 +243,12 @@ def test_pipeline_with_tune_on_registers_the_tuned_config(label_studio, prefect_
     experiment = client.get_experiment_by_name("rmflow").experiment_id
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result['tune']['parent_run_id']}'")) == 2
     # new labels, the next run (retune_every 2): no sweep, the recorded best config is reused and trained
+    sweeps = len(client.search_runs([experiment], "tags.`rmflow.kind` = 'tune'"))
+    assert sweeps >= 1
     label(10, seed=32, project=project)
     again = reward_pipeline(params.model_copy(update={"project": project, "model_name": "tune-reward", "run": run, "tune": tune}))
     assert not again["tune"]["tuned"] and again["tune"]["config_file"] == result["tune"]["config_file"], again["tune"]
     assert again["version"] != result["version"] and again["total_rankings"] > result["total_rankings"]
     logged = client.get_run(again["run_id"]).data.params
     assert float(logged["optim.lr"]) == best["optim"]["lr"] and float(logged["optim.epochs"]) == best["optim"]["epochs"]
-    assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result['tune']['parent_run_id']}'")) == 2
+    assert len(client.search_runs([experiment], "tags.`rmflow.kind` = 'tune'")) == sweeps  # no new sweep's parent run

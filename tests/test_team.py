@@ -508,6 +508,8 @@ def test_objectstore_killed_while_ray_train_writes_a_checkpoint_names_the_store_
     finally:
         if trainer.poll() is None:
             trainer.kill()
+        # the store back before any assertion can fail: the module's later tests need it
+        result, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=clean_env(RMFLOW_HOME=str(home)))
     assert killed, f"never caught a checkpoint being written (rc {trainer.returncode}): {err[-2000:]}"
     assert trainer.returncode != 0, "the run finished although its store was killed"
     lines = out.strip().splitlines()
@@ -515,7 +517,6 @@ def test_objectstore_killed_while_ray_train_writes_a_checkpoint_names_the_store_
     assert store.endpoint_url in error and "object store" in error and f"--run-name {run_name}" in error, error
     assert store.secret_access_key not in out + err
 
-    result, proc = cli("up", "--team", "--no-label-studio", "--no-deployments", env=clean_env(RMFLOW_HOME=str(home)))
     assert proc.returncode == 0 and result["objectstore"]["started"], proc.stderr[-2000:]
     store = objectstore.storage(objectstore.service().state()["port"])
     snap = snapshot(store.client())
