@@ -98,8 +98,11 @@ def _row(store: Storage, pid: int, started: bool) -> dict[str, Any]:
 
 
 def _wait_ready(store: Storage, timeout_s: float, alive, log_file: Path) -> None:
-    """Ready once the bucket exists (created here): the S3 gateway answers only after master, volume
-    and filer are up, and a bucket can be written only once a volume is."""
+    """Ready once the bucket exists (created here) and serves data: the S3 gateway answers only after
+    master, volume and filer are up, but after a restart the objects already stored read back
+    InternalError until the volume server has reported its volumes to the master (it reports them all
+    at once), so an object is written and read back. (Not a stored object of the user's: one broken by
+    a kill mid-write would keep the store from ever being ready.)"""
     end = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < end:
@@ -107,11 +110,28 @@ def _wait_ready(store: Storage, timeout_s: float, alive, log_file: Path) -> None
             raise ServiceError(f"SeaweedFS exited before its S3 endpoint answered; see {log_file}")
         try:
             store.ensure_bucket()
-            return
+            last = _data_problem(store)
+            if last is None:
+                return
         except ServiceError as e:
             last = str(e)
         time.sleep(0.5)
     raise ServiceError(f"SeaweedFS's S3 endpoint did not answer within {timeout_s:.0f}s ({last}); see {log_file}")
+
+
+READY_KEY = "~rmflow/ready"  # rmflow's own probe object; sorts after every name a user or rmflow gives
+
+
+def _data_problem(store: Storage) -> str | None:
+    """None when rmflow's probe object can be written and read back."""
+    s3 = store.client(timeout_s=5, retries=1)
+    try:
+        s3.put_object(Bucket=store.bucket, Key=READY_KEY, Body=b"ready")
+        if s3.get_object(Bucket=store.bucket, Key=READY_KEY)["Body"].read() != b"ready":
+            return "the probe object read back different bytes"
+    except Exception as e:  # noqa: BLE001 — not serving data yet
+        return f"stored objects do not read back yet ({type(e).__name__})"
+    return None
 
 
 def down() -> bool:

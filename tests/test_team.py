@@ -606,7 +606,9 @@ def test_migrate_moves_an_embedded_install_to_the_team_backends(team_home, home,
     assert result["datasets"]["to"] == "s3://rmflow/datasets" and result["datasets"]["dataset_versions"] == ["demo/versions/v1"]
     back = store.download_dir("datasets", dest=tmp_path / "back")
     local = {p.relative_to(data_root): p.read_bytes() for p in data_root.rglob("*") if p.is_file()}
-    assert {p.relative_to(back): p.read_bytes() for p in back.rglob("*") if p.is_file()} == local
+    # (other tests of the module publish their own datasets under the same prefix: compare the migrated trees)
+    tops = {p.parts[0] for p in local}
+    assert {p.relative_to(back): p.read_bytes() for p in back.rglob("*") if p.is_file() and p.relative_to(back).parts[0] in tops} == local
     # a rerun copies nothing; the source never changed
     again = migrate.migrate(source_uri, server, data_root)
     assert again["mlflow"]["versions_copied"] == 0 and again["mlflow"]["runs_copied"] == 0
