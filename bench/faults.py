@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 
-def ray_train_workers() -> list:
-    """Ray Train worker processes (titled `ray::RayTrainWorker...`) among this process's descendants."""
+def ray_train_workers(root_pid: int | None = None) -> list:
+    """Ray Train worker processes (titled `ray::RayTrainWorker...`) among the descendants of
+    `root_pid` (default: this process; a `ray start` node's pid gives that node's workers)."""
     import psutil
 
     ours = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
+    for proc in psutil.Process(root_pid or os.getpid()).children(recursive=True):
         try:
             if any("RayTrainWorker" in part for part in proc.cmdline()):
                 ours.append(proc)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rmcore.dataset import file_sha256
 from rmflow.infra import objectstore, team
 from rmflow.infra.process import ServiceError
 
@@ -235,14 +236,6 @@ def _copy_aliases(src, dst, name: str, mapping: dict[str, str]) -> list[dict[str
 # ---- dataset versions -----------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def migrate_datasets(data_root: Path, store: team.Storage, *parts: str) -> dict[str, Any]:
     """Copies every file under `data_root` to s3://bucket/prefix/parts/<relative path>, each verified
     by reading it back and comparing sha256; skips objects already there with the same sha256.
@@ -257,7 +250,7 @@ def migrate_datasets(data_root: Path, store: team.Storage, *parts: str) -> dict[
     copied = skipped = nbytes = 0
     for path in files:
         key = store.key(*parts, path.relative_to(data_root).as_posix())
-        digest = _sha256(path)
+        digest = file_sha256(path)
         try:
             try:
                 if s3.head_object(Bucket=store.bucket, Key=key).get("Metadata", {}).get(SHA_META) == digest:

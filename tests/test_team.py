@@ -216,16 +216,14 @@ def test_postgres_restart_is_ridden_out_by_mlflow_and_prefect(team_home, home):
         assert prefect.read_flow_runs(limit=1) is not None
 
 
-def _train_workers_under(pid: int) -> list[psutil.Process]:
-    """Ray Train worker processes (`ray::RayTrainWorker…`) started by the Ray node whose `ray start` is `pid`."""
-    found = []
-    for proc in psutil.Process(pid).children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+def _publish(store: team.Storage, src: Path, uri: str) -> str:
+    """`team.publish_dataset` with the store's credentials in this process's environment only while it runs."""
+    os.environ.update(store.env())
+    try:
+        return team.publish_dataset(src, uri)
+    finally:
+        for var in store.env():
+            os.environ.pop(var, None)
 
 
 def test_two_node_cluster_without_shared_disk_trains_from_the_bucket_and_resumes_a_killed_worker(team_home, home, tiny_bert,
@@ -240,17 +238,13 @@ def test_two_node_cluster_without_shared_disk_trains_from_the_bucket_and_resumes
     import shutil
     import uuid
 
+    from rmflow.bench.faults import ray_train_workers
     from tests.test_ray_cluster import Cluster, _clean_env
 
     store = objectstore.storage(objectstore.service().state()["port"])
     local = tmp_path / "ds"
     shutil.copytree(synthetic_dataset, local)
-    os.environ.update(store.env())
-    try:
-        uri = team.publish_dataset(local, "s3://rmflow/datasets/synthetic/v1")
-    finally:
-        for var in store.env():
-            os.environ.pop(var, None)
+    uri = _publish(store, local, "s3://rmflow/datasets/synthetic/v1")
     shutil.rmtree(local)
     client = store.client()
     runs = f"ray/{uuid.uuid4().hex[:8]}"  # this test's runs only: another run's snapshot never triggers the kill
@@ -271,7 +265,7 @@ def test_two_node_cluster_without_shared_disk_trains_from_the_bucket_and_resumes
         head, second = cluster.nodes
         for _ in range(1500):
             if registered_checkpoints():
-                on_head, on_second = _train_workers_under(head.pid), _train_workers_under(second.pid)
+                on_head, on_second = ray_train_workers(head.pid), ray_train_workers(second.pid)
                 if len(on_head) == 1 and len(on_second) == 1:
                     victim = on_second[0]
                     seen.update(cwd=victim.cwd(), tmpdir=victim.environ().get("TMPDIR"), has_key="AWS_SECRET_ACCESS_KEY" in victim.environ(),
@@ -460,12 +454,7 @@ def test_objectstore_killed_while_ray_train_writes_a_checkpoint_names_the_store_
     import uuid
 
     store = objectstore.storage(objectstore.service().state()["port"])
-    os.environ.update(store.env())
-    try:
-        uri = team.publish_dataset(synthetic_dataset, "s3://rmflow/datasets/faults/v1")
-    finally:
-        for var in store.env():
-            os.environ.pop(var, None)
+    uri = _publish(store, synthetic_dataset, "s3://rmflow/datasets/faults/v1")
     run_name = f"faults-{uuid.uuid4().hex[:8]}"
     prefix = f"ray-faults/{run_name}/"
     # one worker on Ray Train, one epoch (~70 steps), a checkpoint every 8; --max-failures 0: with
