@@ -22,7 +22,7 @@ from typing import Any
 
 from rmcore.atomic import write_atomic
 from rmcore.paths import rmflow_home
-from rmflow.infra.process import ManagedService, Secret, ServiceError, exit_status, free_port, wait_healthy
+from rmflow.infra.process import ManagedService, Secret, ServiceError, exit_status, free_port, log_size, wait_healthy
 
 VERSION = "1.23.2"
 ADMIN = "admin@rmflow.local"
@@ -120,13 +120,13 @@ def up(port: int = 8080, timeout_s: float = 240, log=print, db: dict[str, str] |
     exe = ensure_installed(log)
     creds = credentials()
     port = free_port(port)
-    offset = svc.log_file.stat().st_size if svc.log_file.exists() else 0
+    offset = log_size(svc.log_file)
     cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(ls_home() / "data"), "--username", ADMIN, "--enable-legacy-api-token"]
     proc = svc.spawn(cmd, {**_env(creds), **(db or {})}, marker="label-studio")
     try:
         url = _read_url(svc.log_file, offset, proc, timeout_s)
-        wait_healthy(f"{url}/health", timeout_s, alive=lambda: exit_status(proc) is None)
+        wait_healthy(f"{url}/health", timeout_s, alive=lambda: exit_status(proc) is None, log_file=svc.log_file, since=offset)
     except BaseException:  # a failed or interrupted start leaves no server that `down` does not know about
         svc.discard(proc)
         raise

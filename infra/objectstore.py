@@ -9,21 +9,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from rmcore.atomic import write_atomic
 from rmcore.paths import rmflow_home
-from rmflow.infra.process import ManagedService, ServiceError, exit_status, free_port
+from rmflow.infra.process import ManagedService, ServiceError, exit_status, log_size, poll_until, sticky_ports
 from rmflow.infra.team import Storage
 
 S3_PORT = 8333
 BUCKET = "rmflow"
 ACCESS_KEY = "rmflow"
+log = logging.getLogger("rmflow.objectstore")
 
 
 def store_home() -> Path:
@@ -74,22 +75,36 @@ def up(port: int = S3_PORT, timeout_s: float = 60) -> tuple[Storage, dict[str, A
     config = _config()
     data = store_home() / "data"
     data.mkdir(parents=True, exist_ok=True)
-    port = free_port(port)
-    # every port explicit: SeaweedFS's defaults (volume 8080 among them) collide with Label Studio's
-    ports = {"master.port": 19333, "volume.port": 18380, "filer.port": 18888}
-    args = [f"-{name}={free_port(p)}" for name, p in ports.items()]
-    args += [f"-{name}.grpc={free_port(0)}" for name in ("master.port", "volume.port", "filer.port", "s3.port")]
-    cmd = [weed(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", *args, "-filer", "-s3",
-           f"-s3.port={port}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-master.volumeSizeLimitMB=256", "-volume.max=0"]
-    proc = svc.spawn(cmd, {}, marker="weed")
-    store = storage(port)
-    try:
-        _wait_ready(store, timeout_s, lambda: exit_status(proc) is None, svc.log_file)
-    except BaseException:
-        svc.discard(proc)
-        raise
-    svc.record(url=store.endpoint_url, port=port, bucket=BUCKET)
+    # a second try when weed exits while starting: one of its ports may have been taken between the
+    # probe and its bind (any process's outgoing connection can be given a free port)
+    for attempt in (1, 2):
+        # every port explicit (SeaweedFS's defaults, volume 8080 among them, collide with Label
+        # Studio's) and the same as last time where free: the master keeps its raft peers by address
+        ports = sticky_ports(store_home(), {"s3": port, "master": 19333, "volume": 18380, "filer": 18888, "master.grpc": 0,
+                                            "volume.grpc": 0, "filer.grpc": 0, "s3.grpc": 0})
+        args = [f"-{name}.port={ports[name]}" for name in ("master", "volume", "filer")]
+        args += [f"-{name}.port.grpc={ports[f'{name}.grpc']}" for name in ("master", "volume", "filer", "s3")]
+        # one master, no peers to wait for: it elects itself after the election timeout, and with
+        # SeaweedFS's 10 s default every restart (its raft state resumed) took 10-20 s
+        cmd = [weed(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", *args, "-filer", "-s3",
+               f"-s3.port={ports['s3']}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.volumeSizeLimitMB=256", "-master.electionTimeout=1s", "-volume.max=0"]
+        since = log_size(svc.log_file)
+        proc = svc.spawn(cmd, {}, marker="weed")
+        store = storage(ports["s3"])
+        try:
+            poll_until("SeaweedFS", lambda: _not_ready(store), timeout_s, lambda: exit_status(proc) is None, svc.log_file, since)
+            break
+        except ServiceError as e:
+            exited = exit_status(proc) is not None
+            svc.discard(proc)
+            if attempt == 2 or not exited:
+                raise
+            log.warning("SeaweedFS exited while starting; starting it again (%s)", e)
+        except BaseException:
+            svc.discard(proc)
+            raise
+    svc.record(url=store.endpoint_url, port=ports["s3"], bucket=BUCKET)
     return store, _row(store, proc.pid, True)
 
 
@@ -97,26 +112,17 @@ def _row(store: Storage, pid: int, started: bool) -> dict[str, Any]:
     return {"url": store.endpoint_url, "bucket": store.bucket, "pid": pid, "started": started}
 
 
-def _wait_ready(store: Storage, timeout_s: float, alive, log_file: Path) -> None:
-    """Ready once the bucket exists (created here) and serves data: the S3 gateway answers only after
+def _not_ready(store: Storage) -> str | None:
+    """None once the bucket exists (created here) and serves data: the S3 gateway answers only after
     master, volume and filer are up, but after a restart the objects already stored read back
     InternalError until the volume server has reported its volumes to the master (it reports them all
     at once), so an object is written and read back. (Not a stored object of the user's: one broken by
     a kill mid-write would keep the store from ever being ready.)"""
-    end = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < end:
-        if not alive():
-            raise ServiceError(f"SeaweedFS exited before its S3 endpoint answered; see {log_file}")
-        try:
-            store.ensure_bucket()
-            last = _data_problem(store)
-            if last is None:
-                return
-        except ServiceError as e:
-            last = str(e)
-        time.sleep(0.5)
-    raise ServiceError(f"SeaweedFS's S3 endpoint did not answer within {timeout_s:.0f}s ({last}); see {log_file}")
+    try:
+        store.ensure_bucket()
+    except ServiceError as e:
+        return str(e)
+    return _data_problem(store)
 
 
 READY_KEY = "~rmflow/ready"  # rmflow's own probe object; sorts after every name a user or rmflow gives

@@ -27,7 +27,7 @@ from typing import Any
 
 from rmcore.atomic import write_atomic
 from rmcore.paths import rmflow_home
-from rmflow.infra.process import ManagedService, ServiceError, exit_status, free_port
+from rmflow.infra.process import ManagedService, ServiceError, exit_status, log_size, poll_until, sticky_ports
 from rmflow.infra.team import Database
 
 PORT = 5432
@@ -128,14 +128,17 @@ def up(port: int = PORT, timeout_s: float = 60) -> tuple[Database, dict[str, Any
     _initdb(prefix)
     sockets = pg_home() / "run"
     _own(sockets)
-    port = free_port(port)
+    # the port it had last time where free: the servers started against it reconnect after a restart
+    port = sticky_ports(pg_home(), {"postgres": port})["postgres"]
     # settings on the command line hold no secret; `-c` keeps them out of the data directory's files
     cmd = [*prefix, str(bindir() / "postgres"), "-D", str(pg_home() / "data"), "-h", "127.0.0.1", "-p", str(port),
            "-k", str(sockets), "-c", "max_connections=200", "-c", "shared_buffers=64MB"]
+    since = log_size(svc.log_file)
     proc = svc.spawn(cmd, {}, marker="postgres")
     db = Database("127.0.0.1", port, USER, password(), local=True)
     try:
-        _wait_ready(db, timeout_s, lambda: exit_status(proc) is None, svc.log_file)
+        poll_until("PostgreSQL", lambda: _not_accepting(db), timeout_s, lambda: exit_status(proc) is None, svc.log_file, since,
+                   interval_s=0.3)
     except BaseException:
         svc.discard(proc)
         raise
@@ -143,20 +146,12 @@ def up(port: int = PORT, timeout_s: float = 60) -> tuple[Database, dict[str, Any
     return db, {"url": db.url, "pid": proc.pid, "started": True}
 
 
-def _wait_ready(db: Database, timeout_s: float, alive, log_file: Path) -> None:
-    end = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < end:
-        if not alive():
-            tail = log_file.read_text(errors="replace")[-600:] if log_file.exists() else ""
-            raise ServiceError(f"PostgreSQL exited before it accepted connections; {log_file}: {tail}")
-        try:
-            db.connect(timeout_s=2).close()
-            return
-        except ServiceError as e:
-            last = str(e)
-        time.sleep(0.3)
-    raise ServiceError(f"PostgreSQL did not accept connections within {timeout_s:.0f}s ({last})")
+def _not_accepting(db: Database) -> str | None:
+    try:
+        db.connect(timeout_s=2).close()
+    except ServiceError as e:
+        return str(e)
+    return None
 
 
 def down(timeout_s: float = 30) -> bool:

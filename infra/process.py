@@ -24,7 +24,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,23 +220,81 @@ def exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def wait_healthy(url: str, deadline_s: float, alive=lambda: True, expect: bytes | None = None) -> None:
-    """Polls `url` until it answers 200 (and contains `expect`), the process dies, or time runs out."""
+def poll_until(what: str, probe: Callable[[], str | None], deadline_s: float, alive: Callable[[], bool] = lambda: True,
+               log_file: Path | None = None, since: int = 0, interval_s: float = 0.5) -> None:
+    """Calls `probe` (None: ready; otherwise what it still lacks) until it says ready. A ServiceError
+    naming `what` when the process exits first (with the end of what it logged since byte `since`),
+    or when `deadline_s` runs out (with the probe's last answer)."""
     end = time.monotonic() + deadline_s
     last = "no answer"
     while time.monotonic() < end:
         if not alive():
-            raise ServiceError(f"the process exited before {url} answered ({last})")
+            where = f"; {log_file}: {log_excerpt(log_file, since)}" if log_file else ""
+            raise ServiceError(f"{what} exited before it was ready ({last}){where}")
+        last = probe() or ""
+        if not last:
+            return
+        time.sleep(interval_s)
+    where = f"; see {log_file}" if log_file else ""
+    raise ServiceError(f"{what} was not ready within {deadline_s:.0f}s ({last}){where}")
+
+
+def log_excerpt(log_file: Path, since: int = 0, lines: int = 6) -> str:
+    """The last `lines` non-empty lines a service logged after byte `since`: why it exited."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(since)
+            text = f.read()[-20000:].decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = [line[:300] for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail) or "(nothing logged)"
+
+
+def log_size(log_file: Path) -> int:
+    """Where a service's next start begins logging (its log is appended to)."""
+    try:
+        return log_file.stat().st_size
+    except OSError:
+        return 0
+
+
+def wait_healthy(url: str, deadline_s: float, alive: Callable[[], bool] = lambda: True, expect: bytes | None = None,
+                 log_file: Path | None = None, since: int = 0) -> None:
+    """Polls `url` until it answers 200 (and contains `expect`), the process dies, or time runs out."""
+
+    def probe() -> str | None:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 body = resp.read()
                 if resp.status == 200 and (expect is None or expect in body):
-                    return
-                last = f"HTTP {resp.status}"
+                    return None
+                return f"HTTP {resp.status}"
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            last = str(e)
-        time.sleep(0.5)
-    raise ServiceError(f"{url} did not become healthy within {deadline_s:.0f}s ({last})")
+            return str(e) or type(e).__name__
+
+    poll_until(url, probe, deadline_s, alive, log_file, since)
+
+
+def sticky_ports(home: Path, wanted: dict[str, int]) -> dict[str, int]:
+    """Ports for a service's next start: each the one it had last time (kept in home/ports.json), else
+    `wanted`'s (0: any), else a free one. A server whose state names its own address (SeaweedFS's
+    master keeps its raft peers by address) comes back where it was."""
+    path = home / "ports.json"
+    try:
+        saved = json.loads(path.read_text())
+        saved = saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        saved = {}
+    chosen: dict[str, int] = {}
+    for name, default in wanted.items():
+        port = free_port(int(saved.get(name) or default))
+        while port in chosen.values():  # two probes of port 0 may be given the same port
+            port = free_port(0)
+        chosen[name] = port
+    home.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(chosen))
+    return chosen
 
 
 def free_port(preferred: int) -> int:

@@ -33,7 +33,18 @@ from rmcore.names import HEARTBEAT_S, SENSOR_INTERVAL_S
 from rmcore.paths import TEAM_FILE, dataset_root, embedded_mlflow_store, mlflow_artifact_root, rmflow_home
 from rmcore.retrain import RetrainPolicy
 from rmflow.infra import labelstudio, objectstore, postgres, team
-from rmflow.infra.process import ManagedService, Secret, ServiceError, drift, exclusive, exit_status, free_port, recordable, wait_healthy
+from rmflow.infra.process import (
+    ManagedService,
+    Secret,
+    ServiceError,
+    drift,
+    exclusive,
+    exit_status,
+    free_port,
+    log_size,
+    recordable,
+    wait_healthy,
+)
 
 PREFECT_PORT, MLFLOW_PORT, RECEIVER_PORT, RUNNER_PORT = 4200, 5000, 8765, 8766
 log = logging.getLogger("rmflow.infra")
@@ -93,9 +104,10 @@ def _start_http(svc: ManagedService, port: int, cmd: list[str], env: dict[str, s
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
     env = {**{k: v.format(port=port) for k, v in env.items()}, "RMFLOW_HOME": str(rmflow_home())}
+    since = log_size(svc.log_file)
     proc = svc.spawn([part.format(port=port) for part in cmd], env, marker=svc.name)
     try:
-        wait_healthy(url + health, timeout_s, alive=lambda: exit_status(proc) is None)
+        wait_healthy(url + health, timeout_s, alive=lambda: exit_status(proc) is None, log_file=svc.log_file, since=since)
     except BaseException:
         svc.discard(proc)
         raise

@@ -166,10 +166,23 @@ def test_a_reader_never_sees_a_half_written_state(home):
 def test_a_start_that_never_becomes_healthy_leaves_no_process_and_no_state(home):
     svc = stack.receiver_service()
     cmd = standin(home, "receiver", delay=60, child=True)
-    with pytest.raises(ServiceError, match="did not become healthy"):
+    with pytest.raises(ServiceError, match="was not ready within"):
         stack._start_http(svc, free_port(0), cmd, {}, "/health", timeout_s=2)
     time.sleep(0.5)
     assert not tagged(home, "receiver") and not tagged(home, "receiver-child"), "the failed start left processes behind"
+    assert not svc.state_file.exists()
+
+
+def test_a_service_that_exits_while_starting_is_reported_with_what_it_logged(home):
+    """The error of a start that died says why in the service's own words (the end of its log since
+    this start), not only where the log is; nothing is left running or recorded."""
+    svc = stack.receiver_service()
+    svc.home.mkdir(parents=True, exist_ok=True)
+    svc.log_file.write_text("an earlier start's line: not this start's reason\n")
+    crash = [sys.executable, "-c", "import sys; print('bind 127.0.0.1:{port}: address already in use', flush=True); sys.exit(3)"]
+    with pytest.raises(ServiceError, match="exited before it was ready") as failed:
+        stack._start_http(svc, free_port(0), crash, {}, "/health", timeout_s=20)
+    assert "address already in use" in str(failed.value) and "earlier start" not in str(failed.value)
     assert not svc.state_file.exists()
 
 
