@@ -298,16 +298,15 @@ def storage_at(uri: str) -> team.Storage:
 
 
 def team_mlflow_uri() -> str:
-    """The MLflow server `rmflow up --team` started (RMFLOW_HOME's team file), else MLFLOW_TRACKING_URI
-    when it names a server."""
+    """The MLflow server `rmflow up --team` started, else MLFLOW_TRACKING_URI when it names a server.
+    In that order, unlike clients (rmcore.paths.mlflow_tracking_uri): while moving, the environment
+    may still name the embedded store the models come from."""
     import os
 
-    from rmcore.paths import TEAM_FILE, rmflow_home
+    from rmcore.paths import team_mlflow_server
 
-    try:
-        return json.loads((rmflow_home() / TEAM_FILE).read_text())["mlflow_tracking_uri"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if team_mlflow_server():
+        return team_mlflow_server()
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         return os.environ["MLFLOW_TRACKING_URI"]
     raise ServiceError("no team MLflow server: run `rmflow up --team` first or pass --to-mlflow http://…")

@@ -22,12 +22,15 @@ def mlflow_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the MLflow server `rmflow up --team` started (its URL in TEAM_FILE:
     its store is the team's PostgreSQL, so a client never falls back to SQLite), else the embedded
     SQLite store (the model registry needs a database)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    return os.environ.get("MLFLOW_TRACKING_URI") or team_mlflow_server() or embedded_mlflow_store()
+
+
+def team_mlflow_server() -> str | None:
+    """The URL of the MLflow server `rmflow up --team` started (RMFLOW_HOME's TEAM_FILE), if any."""
     try:
         return json.loads((rmflow_home() / TEAM_FILE).read_text())["mlflow_tracking_uri"]
     except (OSError, ValueError, KeyError, TypeError):
-        return embedded_mlflow_store()
+        return None
 
 
 def embedded_mlflow_store() -> str:
