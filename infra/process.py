@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -231,9 +232,10 @@ def poll_until(what: str, probe: Callable[[], str | None], deadline_s: float, al
         if not alive():
             where = f"; {log_file}: {log_excerpt(log_file, since)}" if log_file else ""
             raise ServiceError(f"{what} exited before it was ready ({last}){where}")
-        last = probe() or ""
-        if not last:
+        answer = probe()
+        if answer is None:
             return
+        last = answer
         time.sleep(interval_s)
     where = f"; see {log_file}" if log_file else ""
     raise ServiceError(f"{what} was not ready within {deadline_s:.0f}s ({last}){where}")
@@ -247,8 +249,11 @@ def log_excerpt(log_file: Path, since: int = 0, lines: int = 6) -> str:
             text = f.read()[-20000:].decode(errors="replace")
     except OSError:
         return "(no log)"
-    tail = [line[:300] for line in text.splitlines() if line.strip()][-lines:]
+    tail = [_PASSWORD_IN_URL.sub(r"\1***@", line)[:300] for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(tail) or "(nothing logged)"
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # a server may log the database URL it was given
 
 
 def log_size(log_file: Path) -> int:
@@ -277,8 +282,8 @@ def wait_healthy(url: str, deadline_s: float, alive: Callable[[], bool] = lambda
 
 
 def sticky_ports(home: Path, wanted: dict[str, int]) -> dict[str, int]:
-    """Ports for a service's next start: each the one it had last time (kept in home/ports.json), else
-    `wanted`'s (0: any), else a free one. A server whose state names its own address (SeaweedFS's
+    """Ports for a service's next start: each the one it had last time (kept in home/ports.json; it
+    wins over `wanted`), else `wanted`'s (0: any), else a free one. A server whose state names its own address (SeaweedFS's
     master keeps its raft peers by address) comes back where it was."""
     path = home / "ports.json"
     try:
@@ -288,7 +293,8 @@ def sticky_ports(home: Path, wanted: dict[str, int]) -> dict[str, int]:
         saved = {}
     chosen: dict[str, int] = {}
     for name, default in wanted.items():
-        port = free_port(int(saved.get(name) or default))
+        last = saved.get(name)
+        port = free_port(last if isinstance(last, int) and 0 < last < 65536 else default)
         while port in chosen.values():  # two probes of port 0 may be given the same port
             port = free_port(0)
         chosen[name] = port
