@@ -1,7 +1,8 @@
 """The reward-model pipeline as one Prefect flow. Each stage is one task run in the UI, with its
 own retries (network stages retry with backoff); stages hand each other URIs, never objects:
 
-  collect → dataset → [strength ensemble] → train → register → evaluate → gate + promote → [re-annotate]
+  collect → dataset → [strength ensemble] → [publish to the team's bucket] → train → register →
+  evaluate → gate + promote → [re-annotate]
 
 The label watermark (`rmcore.watermark`, a file in the dataset root) advances only at the end of
 a successful run, so a failed run skips no label.
@@ -19,20 +20,20 @@ from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field, field_validator
 
 from rmcore.config import GateConfig, RunConfig
-from rmcore.contracts import EvaluationResult, LabelDataset, PromotionResult
+from rmcore.contracts import EvaluationResult, LabelDataset, PromotionResult, TrainedModel
 from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, check_name
 from rmcore.paths import dataset_root, mlflow_tracking_uri
 from rmcore.records import content_hash
 from rmcore.sweep import PipelineTune
 from rmcore.watermark import advance_watermark, read_watermark
 from rmflow.tasks.collect import collect_task
-from rmflow.tasks.dataset import dataset_task
+from rmflow.tasks.dataset import dataset_task, publish_task
 from rmflow.tasks.evaluate import evaluate_task
 from rmflow.tasks.promote import promote_task
 from rmflow.tasks.reannotate import reannotate_task
 from rmflow.tasks.register import PENDING, find_version_task, register_task
 from rmflow.tasks.strength import strength_task
-from rmflow.tasks.train import train_task
+from rmflow.tasks.train import default_model_dir, train_task
 from rmflow.tasks.tune import tune_task
 
 
@@ -88,7 +89,8 @@ def pipeline_lock(model_name: str) -> str:
 
 @flow(name="reward-pipeline", log_prints=True)
 def reward_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
-    """collect → dataset → [strength] → train on Ray → register → evaluate → gate + promote → [re-annotate]."""
+    """collect → dataset → [strength] → [publish to the team's bucket] → train on Ray → register →
+    evaluate → gate + promote → [re-annotate]."""
     with concurrency(pipeline_lock(params.model_name), occupy=1, strict=True, lease_duration=LEASE_S,
                      raise_on_lease_renewal_failure=True):
         return _stages(params)
@@ -113,7 +115,7 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
         advance_watermark(root, labels.watermark)
         return {"skipped": True, "version": registered.version, "dataset_version": labels.version, **_labels_summary(labels)}
 
-    trained = strength = tuned = None
+    trained = strength = tuned = uri = None
     eval_data = labels.dataset
     if registered is None:
         run, data = params.run, labels.dataset
@@ -126,7 +128,13 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
         if run.strength.ensemble:
             strength = strength_task(run, data, track=True)
             run, data = strength.run, strength.dataset  # what MLflow logs is what was trained
-        trained = train_task(run, data)
+        # with the team's bucket the version is kept there, and Ray Train's workers read it there (on
+        # any node); in-process training, register and evaluate read this machine's copy of it
+        uri = publish_task(str(data), params.project, snapshot.snapshot)
+        trained = train_task(run, uri if uri and run.scale.on_ray_train else data, default_model_dir(Path(data), run))
+        create_table_artifact([{"what": k, "value": str(v)} for k, v in _training_summary(trained, uri).items()], key="training",
+                              description=f"where and how {params.model_name} trained")
+        trained = trained.model_copy(update={"dataset": str(data)})
         registered = register_task(params.model_name, trained.model_dir, trained, labels.watermark.at, config_hash)
         eval_data = trained.dataset  # a strength version has the same held-out labels, plus strengths for the report
     else:
@@ -142,7 +150,7 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
     if trained is not None:
         summary = trained.summary
         out |= {"model_dir": trained.model_dir, "trained_on": trained.dataset, "val_accuracy": summary["val_accuracy"],
-                "pairs_trained": summary["pairs_trained"], "workers": summary["workers"], "restarts": summary["restarts"]}
+                "pairs_trained": summary["pairs_trained"], **_training_summary(trained, uri)}
     if strength is not None:
         out["strength"] = strength.summary
     if tuned is not None:
@@ -171,6 +179,15 @@ def _publish(evaluation: EvaluationResult, promoted: PromotionResult) -> None:
 def request_reannotation(project: str, strength_dataset: str, max_tasks: int = 50) -> dict[str, Any]:
     """Active labelling: the strength ensemble's most doubtful train pairs go back to annotators."""
     return reannotate_task(project, strength_dataset, max_tasks)
+
+
+def _training_summary(trained: TrainedModel, uri: str | None) -> dict[str, Any]:
+    """Where the run trained: the workers read the version from `uri` (the team's bucket) or this
+    machine's disk; how many workers on how many nodes; the Ray Train run (checkpoints) if any."""
+    summary = trained.summary
+    return {"read_from": uri or trained.dataset, "workers": summary["workers"],
+            "worker_nodes": len(set(summary.get("worker_nodes") or [None])), "restarts": summary["restarts"],
+            "ray_run": summary.get("ray_run")}
 
 
 def _labels_summary(labels: LabelDataset) -> dict[str, Any]:

@@ -278,10 +278,9 @@ def migrate_datasets(data_root: Path, store: team.Storage, *parts: str) -> dict[
 def team_storage() -> team.Storage:
     """The team's bucket: RMFLOW_STORAGE_URL's (with the AWS_* credentials), else the local object
     store `rmflow up --team` runs under RMFLOW_HOME."""
-    s = team.settings()
-    if s.storage_url:
-        return team.Storage.from_url(s.storage_url, s.endpoint_url, s.access_key_id,
-                                     s.secret_access_key.get_secret_value() if s.secret_access_key else None)
+    configured = team.team_storage()
+    if configured is not None:
+        return configured
     state = objectstore.service().state()
     if not state or not state.get("port"):
         raise ServiceError("no team bucket: set RMFLOW_STORAGE_URL (and AWS_* credentials) or run `rmflow up --team` first")

@@ -33,9 +33,10 @@ from rmcore.inference import resolve_device
 from rmcore.model import META_FILE
 from rmcore.parallel import replicate, shard
 from rmcore.paths import rmflow_home
+from rmcore.records import content_hash
 from rmcore.train import WorkerContext, train_reward_model
 from rmflow.infra.process import ServiceError
-from rmflow.infra.team import fetch_dataset, is_bucket_uri, storage_for
+from rmflow.infra.team import RAY_RESULTS, fetch_dataset, is_bucket_uri, storage_for, team_storage
 
 STATE_FILE = "state.pt"
 FINAL_METRICS = "final_metrics.json"
@@ -84,13 +85,22 @@ def local_dataset(data: str) -> Iterator[Path]:
         yield fetch_dataset(data, Path(tmp) / "data")
 
 
+def default_storage_path() -> str:
+    """Ray Train's storage when `scale.storage_path` is unset: the team bucket's ray_results/ when
+    RMFLOW_STORAGE_URL names one (every node reaches it), else RMFLOW_HOME/ray_results."""
+    store = team_storage()
+    return store.uri(RAY_RESULTS) if store is not None else str(rmflow_home() / RAY_RESULTS)
+
+
 def _storage(uri: str):
     """(pyarrow filesystem, path in it) for a Ray Train storage_path: a bucket URI or a local folder."""
     from pyarrow import fs
 
     if is_bucket_uri(uri):
+        # this environment's endpoint travels with the filesystem (every node must reach it); the
+        # keys do not: each process that unpickles it reads its own environment's
         store = storage_for(uri)
-        return store.pyarrow_fs(), "/".join(p for p in (store.bucket, store.prefix) if p)
+        return store.pyarrow_fs(own_keys=False), "/".join(p for p in (store.bucket, store.prefix) if p)
     return fs.LocalFileSystem(), str(Path(uri).resolve())
 
 
@@ -149,19 +159,21 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
     from pyarrow import fs
 
     runtime = init_ray(cfg.scale.ray_address)
-    storage_uri = cfg.scale.storage_path or str(rmflow_home() / "ray_results")
+    storage_uri = cfg.scale.storage_path or default_storage_path()
     filesystem, storage = _storage(storage_uri)
     run_name = run_name or f"rmflow-{uuid.uuid4().hex[:8]}"
     # one empty file per worker-group start, written by rank 0 wherever it runs: restarts = files - 1
     attempts = f"{storage}/{run_name}/attempts"
+    data = str(data_dir) if is_bucket_uri(data_dir) else str(Path(data_dir).resolve())
     try:
         filesystem.create_dir(attempts)
+        _claim_run(filesystem, f"{storage}/{run_name}/{RUN_IDENTITY}", run_identity(cfg, data), run_name)
     except OSError as e:
         raise _storage_failure(storage_uri, run_name, e) or e
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "attempts": attempts, "storage": storage_uri,
-                           "data_dir": str(data_dir) if is_bucket_uri(data_dir) else str(Path(data_dir).resolve())},
+                           "data_dir": data},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=max(1, cfg.scale.workers),
@@ -192,6 +204,45 @@ def run_ray_training(cfg: RunConfig, data_dir: Path, out_dir: Path, run_name: st
     summary.update(model_dir=str(out_dir), workers=cfg.scale.workers, restarts=restarts,
                    ray_run=f"s3://{storage}/{run_name}" if is_bucket_uri(storage_uri) else f"{storage}/{run_name}", **runtime)
     return summary
+
+
+RUN_IDENTITY = "rmflow_run.json"
+
+
+def run_identity(cfg: RunConfig, data: str) -> dict[str, Any]:
+    """What a run resumed by name must share with the run that started it: the dataset and every
+    setting that shapes the training (where it runs may change, the number of workers may not: each
+    rank's checkpoint holds the prompt groups it trained)."""
+    shaping = cfg.model_dump(mode="json", exclude={"scale", "device"}) | {"workers": cfg.scale.workers}
+    return {"data": data, "config_hash": content_hash(shaping)}
+
+
+def _claim_run(filesystem, path: str, identity: dict[str, Any], run_name: str) -> None:
+    """Records the run's identity at its first start; a later start under the same name with another
+    dataset or config is refused (Ray Train would restore that run's checkpoint into this one).
+    Written whole (a temp file moved into place; an S3 object is whole anyway). Two first starts of
+    one name at the same moment are not told apart: the name is the user's to keep apart."""
+    from pyarrow import fs
+
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        local = isinstance(filesystem, fs.LocalFileSystem)
+        staging = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if local else path
+        with filesystem.open_output_stream(staging) as f:
+            f.write(json.dumps(identity).encode())
+        if local:
+            filesystem.move(staging, path)
+        return
+    try:
+        with filesystem.open_input_stream(path) as f:
+            first = json.loads(f.read())
+        first = first if isinstance(first, dict) else {}
+    except ValueError:
+        raise ValueError(f"Ray Train run {run_name}: its {RUN_IDENTITY} is unreadable; give another --run-name") from None
+    if first != identity:
+        what = "another dataset" if first.get("data") != identity["data"] else "other training settings"
+        raise ValueError(f"Ray Train run {run_name} was started with {what} ({first.get('data')}, config "
+                         f"{str(first.get('config_hash', '?'))[:8]}; now {identity['data']}, {identity['config_hash'][:8]}): resuming "
+                         "it would restore its checkpoint into this run. Give another --run-name (or none: a new run).")
 
 
 def _storage_failure(storage_uri: str, run_name: str, error: Exception) -> ServiceError | None:

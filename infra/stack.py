@@ -183,11 +183,15 @@ def receiver_up(prefect_api: str, port: int = RECEIVER_PORT, timeout_s: float = 
 
 
 def deployments_up(prefect_api: str, params_file: Path, policy: RetrainPolicy, interval_s: int,
-                   port: int = RUNNER_PORT, timeout_s: float = 120, wait: bool = False) -> dict[str, Any]:
+                   port: int = RUNNER_PORT, timeout_s: float = 120, wait: bool = False,
+                   store: team.Storage | None = None) -> dict[str, Any]:
     """`rmflow serve` in the background: registers the deployments (and the labels-ready trigger)
     and runs their flow runs. Healthy once the runner's own webserver answers /health, which it does
     only after the deployments are registered and while it keeps polling for runs. Its flow runs
     send heartbeats every HEARTBEAT_S, which the zombie automation watches.
+
+    With the team's bucket (`store`), its runs keep dataset versions and Ray Train's checkpoints
+    there: the runner gets RMFLOW_STORAGE_URL and the bucket's variables in its environment.
 
     Restarted when what it serves changed (its command line, environment or parameters file) or
     Prefect moved, but never under a flow run: see `runner_idle`."""
@@ -195,10 +199,15 @@ def deployments_up(prefect_api: str, params_file: Path, policy: RetrainPolicy, i
            *[arg for name, value in policy.model_dump().items() for arg in (f"--{name.replace('_', '-')}", str(value))]]
     env = {"PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_SERVER_ENABLE": "true", "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
            "PREFECT_RUNNER_SERVER_PORT": "{port}", "PREFECT_RUNNER_POLL_FREQUENCY": "5",
-           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+           # the cluster its runs train on: a new one restarts the runner (its runs join RAY_ADDRESS)
+           **({"RAY_ADDRESS": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else {})}
     digest = hashlib.sha256(json.dumps([cmd, env, params_file.read_text()], sort_keys=True).encode()).hexdigest()
-    return _start_http(deployments_service(), port, cmd, env, "/health", timeout_s,
-                       {"prefect_api": prefect_api, "settings_digest": digest}, lambda reason: runner_idle(prefect_api, reason, wait))
+    bucket = {"RMFLOW_STORAGE_URL": store.url, **store.env()} if store is not None else {}
+    # the bucket's keys are recorded as a salted fingerprint only, never inside a plain digest
+    started_with = {"prefect_api": prefect_api, "settings_digest": digest, "bucket": Secret(json.dumps(bucket, sort_keys=True))}
+    return _start_http(deployments_service(), port, cmd, {**env, **_literal(bucket)}, "/health", timeout_s, started_with,
+                       lambda reason: runner_idle(prefect_api, reason, wait))
 
 
 # Flow runs a restart of the runner would kill (it runs each as a subprocess in its own process
@@ -271,8 +280,7 @@ def resolve_team_backends(start_local: bool = False) -> tuple[team.Database, tea
     else:
         raise ServiceError("the team backends need RMFLOW_DATABASE_URL (or `rmflow up --team` to start a local PostgreSQL)")
     if s.storage_url:
-        store = team.Storage.from_url(s.storage_url, s.endpoint_url, s.access_key_id,
-                                       s.secret_access_key.get_secret_value() if s.secret_access_key else None)
+        store = team.team_storage()
         rows["objectstore"] = {"url": store.endpoint_url or "https://s3.amazonaws.com", "bucket": store.bucket,
                                "prefix": store.prefix, "started": False, "note": "RMFLOW_STORAGE_URL"}
     elif start_local:
@@ -310,7 +318,7 @@ def up(label_studio: bool = True, serve: dict[str, Any] | None = None, wait: boo
         settings = serve_settings(**serve)
         # the deployments first: when they refuse to restart under a run, the receiver keeps
         # watching what they still serve
-        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"], wait=wait)
+        out["deployments"] = deployments_up(api, settings["file"], settings["policy"], settings["interval_s"], wait=wait, store=store)
         out["receiver"] = receiver_up(api)
         if serve.get("webhook", True) and (label_studio or os.environ.get("LABEL_STUDIO_URL")):
             out["webhook"] = register_webhook(settings["params"]["project"], serve.get("webhook_url") or out["receiver"]["url"])

@@ -5,8 +5,8 @@ The settings (environment variables; none of them is ever put on a command line)
 - RMFLOW_DATABASE_URL  postgresql://USER:PASSWORD@HOST:PORT — a PostgreSQL *server*. rmflow creates
   one database per service on it (prefect, mlflow, labelstudio) when missing. USER needs CREATEDB,
   or create those three databases beforehand. A path in the URL is ignored.
-- RMFLOW_STORAGE_URL   s3://BUCKET[/PREFIX] — where MLflow's artifacts (and, later, dataset versions
-  and Ray Train's storage_path) live. The bucket is created when missing.
+- RMFLOW_STORAGE_URL   s3://BUCKET[/PREFIX] — where MLflow's artifacts, the pipeline's dataset versions
+  (DATASETS) and Ray Train's default storage_path (RAY_RESULTS) live. The bucket is created when missing.
 - AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY — the bucket's credentials (the standard variables boto3,
   MLflow and pyarrow read).
 - MLFLOW_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) — the S3 endpoint when it is not AWS (SeaweedFS,
@@ -29,6 +29,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rmflow.infra.process import ServiceError
 
 SERVICE_DATABASES = ("prefect", "mlflow", "labelstudio")
+# under the bucket's prefix: datasets/<project>/<version>/ and datasets/<project>/snapshots/ mirror
+# RMFLOW_HOME/datasets/<project>/ (`rmflow migrate` copies that tree there); ray_results/ is Ray Train's
+DATASETS, RAY_RESULTS = "datasets", "ray_results"
 
 
 class TeamSettings(BaseSettings):
@@ -176,16 +179,22 @@ class Storage:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
 
     def upload_dir(self, local: Path, *parts: str) -> str:
-        """Copies folder `local` to s3://bucket/prefix/parts/…, file by file; returns that URI. A
-        failure (the store down or gone mid-copy) raises a ServiceError naming the store; the copy
-        can simply be run again (each object is written whole or not at all)."""
+        """Copies folder `local` to s3://bucket/prefix/parts/…, file by file, manifests last (a reader
+        that finds a dataset version's manifest finds the whole version); returns that URI. A failure
+        (the store down or gone mid-copy) raises a ServiceError naming the store; the copy can simply
+        be run again (each object is written whole or not at all)."""
         s3 = self.client()
-        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
-            key = self.key(*parts, path.relative_to(local).as_posix())
-            try:
-                s3.upload_file(str(path), self.bucket, key)
-            except Exception as e:  # noqa: BLE001 — one clear error naming the store
-                raise self.describe_error(e, f"writing s3://{self.bucket}/{key}") from None
+        for path in sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: (p.name == "manifest.json", str(p))):
+            self.upload_file(path, *parts, path.relative_to(local).as_posix(), client=s3)
+        return self.uri(*parts)
+
+    def upload_file(self, local: Path, *parts: str, client=None) -> str:
+        """Copies file `local` to s3://bucket/prefix/parts…; returns that URI (errors as upload_dir's)."""
+        key = self.key(*parts)
+        try:
+            (client or self.client()).upload_file(str(local), self.bucket, key)
+        except Exception as e:  # noqa: BLE001 — one clear error naming the store
+            raise self.describe_error(e, f"writing s3://{self.bucket}/{key}") from None
         return self.uri(*parts)
 
     def download_dir(self, *parts: str, dest: Path) -> Path:
@@ -206,13 +215,17 @@ class Storage:
             raise ServiceError(f"nothing at s3://{self.bucket}/{prefix} in the object store at {self.endpoint_url or 'AWS S3'}")
         return Path(dest)
 
-    def pyarrow_fs(self):
-        """The bucket as a pyarrow filesystem (what Ray Train's storage_filesystem takes)."""
+    def pyarrow_fs(self, own_keys: bool = True):
+        """The bucket as a pyarrow filesystem (what Ray Train's storage_filesystem takes). Without
+        `own_keys` it carries no credentials: each process that uses it, or unpickles it (Ray Train's
+        controller and workers, on any node), reads AWS_* from its own environment, so the driver's
+        keys never travel to the cluster. The endpoint does travel: it must be one every node reaches."""
         from pyarrow import fs
 
         endpoint = urllib.parse.urlsplit(self.endpoint_url) if self.endpoint_url else None
-        return fs.S3FileSystem(access_key=self.access_key_id, secret_key=self.secret_access_key, region="us-east-1",
-                               endpoint_override=endpoint.netloc if endpoint else None, scheme=endpoint.scheme if endpoint else "https")
+        keys = {"access_key": self.access_key_id, "secret_key": self.secret_access_key} if own_keys else {}
+        return fs.S3FileSystem(**keys, region="us-east-1", endpoint_override=endpoint.netloc if endpoint else None,
+                               scheme=endpoint.scheme if endpoint else "https")
 
     def ensure_bucket(self) -> None:
         """Creates the bucket when missing; checks that the credentials are accepted either way."""
@@ -235,6 +248,13 @@ class Storage:
 
 def settings() -> TeamSettings:
     return TeamSettings()
+
+
+def team_storage() -> Storage | None:
+    """The team's bucket when RMFLOW_STORAGE_URL names one (`rmflow up --team` gives it to the
+    deployments it serves); None on an embedded install, which keeps everything under RMFLOW_HOME."""
+    url = settings().storage_url
+    return storage_for(url) if url else None
 
 
 def is_bucket_uri(path: str | Path) -> bool:
@@ -260,20 +280,30 @@ def fetch_dataset(uri: str, dest: Path) -> Path:
 
 def publish_dataset(local: Path, uri: str) -> str:
     """Copies dataset folder `local` (manifest, splits) to `uri` in the bucket; returns `uri`. The
-    manifest goes last, so a reader that finds it finds the whole version."""
+    manifest goes last, so a reader that finds it finds the whole version; a version whose manifest
+    is there already is not copied again (a version's name is its content's hash)."""
     local = Path(local)
     if not (local / "manifest.json").is_file():
         raise FileNotFoundError(f"{local} is not an rmflow dataset (no manifest.json)")
     store = storage_for(uri)
-    s3 = store.client()
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == "manifest.json")
-    for path in files:
-        key = store.key(path.relative_to(local).as_posix())
-        try:
-            s3.upload_file(str(path), store.bucket, key)
-        except Exception as e:  # noqa: BLE001
-            raise store.describe_error(e, f"writing s3://{store.bucket}/{key}") from None
+    if not object_exists(store, store.key("manifest.json")):
+        store.upload_dir(local)
     return uri
+
+
+def object_exists(store: Storage, key: str) -> bool:
+    """Whether `key` is in the bucket; a ServiceError naming the store when it does not answer."""
+    from botocore.exceptions import ClientError
+
+    try:
+        store.client().head_object(Bucket=store.bucket, Key=key)
+        return True
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise store.describe_error(e, f"reading s3://{store.bucket}/{key}") from None
+    except Exception as e:  # noqa: BLE001 — the store does not answer
+        raise store.describe_error(e, f"reading s3://{store.bucket}/{key}") from None
 
 
 def configured() -> bool:

@@ -154,7 +154,8 @@ class ScaleConfig(_Strict):
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed (resume from checkpoint).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     storage_path: str | None = Field(None, description="Ray Train storage; must be shared storage (NFS, S3) "
-                                     "for multi-node runs. Default: under RMFLOW_HOME.")
+                                     "for multi-node runs. Default: the team bucket's ray_results/ when "
+                                     "RMFLOW_STORAGE_URL is set, else RMFLOW_HOME/ray_results.")
     ray_address: str | None = Field(None, description="Existing Ray cluster; default RAY_ADDRESS or a local runtime.")
 
     @property

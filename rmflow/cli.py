@@ -68,7 +68,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="section.field=value override of any config field (repeatable)."),
     run_name: Optional[str] = typer.Option(None, help="Name of the Ray Train run under --storage-path (default: a new one). "
                                            "Give the name of a run that failed (the store went away, the driver died) to "
-                                           "resume it from its last checkpoint there."),
+                                           "resume it from its last checkpoint there (with the same dataset and training settings: other ones are refused)."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a reward model (with a strength ensemble first when --ensemble > 0); prints pairs

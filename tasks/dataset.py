@@ -1,5 +1,6 @@
 """Stage 2, dataset: a snapshot becomes a versioned pairwise + K-wise dataset (quarantine for bad
-annotations, agreement statistics) and the count of rankings newer than the watermark."""
+annotations, agreement statistics) and the count of rankings newer than the watermark. With the
+team's bucket, the version that trains is published there for the training workers."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from rmcore.converters.common import Quarantine
 from rmcore.converters.label_studio import LabelConfig, rankings_from_tasks
 from rmcore.dataset import write_preference_dataset
 from rmcore.watermark import Watermark, annotation_stamp, is_after, latest
+from rmflow.infra.team import DATASETS, object_exists, publish_dataset, team_storage
 
 
 def agreement(rankings) -> dict[str, float]:
@@ -91,4 +93,19 @@ def consumed_watermark(seen: dict[str, str | None], cursor: str | None) -> Water
     return Watermark(at=at, consumed={i: s for i, s in seen.items() if s is not None and is_after(s, at)})
 
 
+def publish_version(dataset: str, project: str, snapshot: str | None = None) -> str | None:
+    """With the team's bucket (RMFLOW_STORAGE_URL), copies dataset version `dataset` (manifest last)
+    and the snapshot it was built from to s3://…/datasets/<project>/, the layout of
+    RMFLOW_HOME/datasets/<project>/: training workers on any node read the version there, never
+    from this machine's disk. Returns the version's URI; None without a bucket (all stays local)."""
+    store = team_storage()
+    if store is None:
+        return None
+    if snapshot and not object_exists(store, store.key(DATASETS, project, "snapshots", Path(snapshot).name)):
+        store.upload_file(Path(snapshot), DATASETS, project, "snapshots", Path(snapshot).name)  # named by its content's hash
+    return publish_dataset(Path(dataset), store.uri(DATASETS, project, Path(dataset).name))
+
+
 dataset_task = task(build_dataset, name="build-dataset")
+# the store may be restarting (a SeaweedFS restart takes seconds): retried, then the run fails naming it
+publish_task = task(publish_version, name="publish-dataset", retries=2, retry_delay_seconds=[10, 30])

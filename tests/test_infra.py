@@ -80,3 +80,21 @@ def test_a_managed_service_never_signals_a_process_it_did_not_start(tmp_path):
         assert mine.wait(10) is not None and stranger.poll() is None
     finally:
         stranger.kill()
+
+
+def test_ray_trains_storage_filesystem_carries_no_keys_each_node_reads_its_own(monkeypatch):
+    """Ray Train pickles storage_filesystem to its controller and every worker, on any node: the one
+    rmflow gives it names the endpoint only, so the keys each process uses are its own environment's
+    (the driver's never travel); a filesystem built with the keys would carry them."""
+    import pickle
+
+    from rmflow.infra.ray_train import _storage
+
+    secret = "s3-secret-" + "z" * 20
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rmflow")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    filesystem, path = _storage("s3://bucket/prefix/ray")
+    assert path == "bucket/prefix/ray"
+    assert secret.encode() not in pickle.dumps(filesystem)
+    assert secret.encode() in pickle.dumps(team.storage_for("s3://bucket/prefix/ray").pyarrow_fs())

@@ -125,6 +125,29 @@ def test_a_corrupted_checkpoint_fails_naming_it_and_a_fresh_run_finishes(ray_run
     assert fresh["restarts"] == 0 and all(c == 1 for c in fresh["group_train_counts"])
 
 
+def test_a_run_name_resumed_with_another_dataset_or_config_is_refused(ray_runtime, tiny_bert, synthetic_dataset, tmp_path):
+    """`--run-name NAME` resumes a failed run from its checkpoint: started again under that name with
+    another dataset, or with other training settings, it is refused before anything trains (Ray
+    Train would restore the other run's checkpoint into it), naming what differs."""
+    from pyarrow import fs
+
+    from rmflow.infra.ray_train import RUN_IDENTITY, _claim_run, run_identity
+
+    storage = tmp_path / "ray"
+    cfg = cfg_for(tiny_bert, 2, storage_path=str(storage))
+    (storage / "claimed").mkdir(parents=True)
+    _claim_run(fs.LocalFileSystem(), str(storage / "claimed" / RUN_IDENTITY), run_identity(cfg, str(synthetic_dataset.resolve())), "claimed")
+    other = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(ValueError, match="run claimed was started with other training settings"):
+        run_ray_training(other, synthetic_dataset, tmp_path / "model", run_name="claimed")
+    with pytest.raises(ValueError, match="run claimed was started with another dataset"):
+        run_ray_training(cfg, tmp_path / "elsewhere", tmp_path / "model", run_name="claimed")
+    assert not (tmp_path / "model").exists()
+    # where it runs may change (restarts allowed, placement, the device): the same run
+    moved = cfg.model_copy(update={"device": "cpu", "scale": cfg.scale.model_copy(update={"max_failures": 5, "placement_strategy": "SPREAD"})})
+    _claim_run(fs.LocalFileSystem(), str(storage / "claimed" / RUN_IDENTITY), run_identity(moved, str(synthetic_dataset.resolve())), "claimed")
+
+
 def test_the_kill_helper_only_sees_this_runtimes_workers():
     """A process elsewhere on the machine whose command line says RayTrainWorker (someone else's
     Ray job) is never a candidate for the fault tests' SIGKILL."""

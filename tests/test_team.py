@@ -663,3 +663,73 @@ def test_migrate_moves_label_studio_projects_with_their_annotators(team_home, ho
         assert lst.project_task_count(dst, tid) == 3
     finally:
         labelstudio.down()
+
+
+def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_bucket(team_home, home, label_studio, tiny_bert,
+                                                                                   tmp_path_factory, tmp_path, monkeypatch):
+    """`rmflow up --team` serving the deployments, RAY_ADDRESS naming a two-node cluster whose nodes
+    share no disk: a run created as the Prefect UI does collects from Label Studio, keeps the snapshot
+    and the dataset version in the bucket (datasets/<project>/, manifest last), and trains one worker
+    per node, each reading the version from the bucket, with Ray Train's checkpoints under the bucket's
+    ray_results/ (the team default: no storage_path given); the version lands in the team registry."""
+    import uuid
+
+    import httpx
+    import yaml
+    from mlflow import MlflowClient
+
+    from rmcore.synthetic import synthetic_items
+    from rmflow.infra import labelstudio
+    from rmflow.infra import labelstudio_api as lst
+    from tests.test_ray_cluster import Cluster, _clean_env
+    from tests.test_service import PIPELINE, wait_until_done
+
+    store = objectstore.storage(objectstore.service().state()["port"])
+    project = f"team-pipe-{uuid.uuid4().hex[:6]}"
+    # labels in the session's Label Studio (SQLite: where Label Studio runs is not what this is about)
+    monkeypatch.setenv("RMFLOW_HOME", str(tmp_path_factory.getbasetemp() / "rmflow_home"))
+    token = labelstudio.credentials()["token"]
+    ls = lst.connect(label_studio, token)
+    project_id = lst.ensure_project(ls, project)
+    items = [{"prompt": i.prompt, "responses": i.responses, "gold": i.gold} for i in synthetic_items(24, 4, seed=11)]
+    lst.import_tasks(ls, project_id, items)
+    lst.simulate_annotators(project_id, annotators=1, noise=0.3, seed=11, url=label_studio)
+    monkeypatch.setenv("RMFLOW_HOME", str(home))
+
+    params = {"project": project, "model_name": f"{project}-reward",
+              "run": {"model": {"backbone": str(tiny_bert), "max_length": 64}, "optim": {"lr": 3e-3, "epochs": 1},
+                      "scale": {"workers": 2, "placement_strategy": "STRICT_SPREAD", "checkpoint_every": 2}},
+              "gate": {"min_accuracy": 0.0, "max_ece": 1.0, "max_length_bias": 1.0, "delta": 1.0, "bootstrap": 200}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    cluster = Cluster(env=store.env(), num_cpus=2)
+    try:
+        cluster.start()
+        # the runner: the cluster's address and token, Label Studio's; no bucket variable (`up` gives it the bucket's)
+        env = _clean_env(cluster.home, RAY_ADDRESS=cluster.address, RMFLOW_HOME=str(home), LABEL_STUDIO_URL=label_studio,
+                         LABEL_STUDIO_API_KEY=token)
+        result, proc = cli("up", "--team", "--params", str(params_file), "--no-webhook", "--min-new-labels", "100000",
+                           "--interval", "0", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert store.secret_access_key not in " ".join(psutil.Process(stack.deployments_service().state()["pid"]).cmdline())
+        api = result["prefect"]["api_url"]
+        dep = httpx.get(f"{api}/deployments/name/{PIPELINE}").raise_for_status().json()
+        run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}).raise_for_status().json()
+        done = wait_until_done(api, run["id"], timeout_s=600)
+    finally:
+        stack.down(only=("deployments", "receiver"))
+        cluster.stop()
+    assert done["state_type"] == "COMPLETED", done["state"]
+    body = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["training"]}}}
+    rows = httpx.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()[0]["data"]
+    training = {r["what"]: r["value"] for r in (json.loads(rows) if isinstance(rows, str) else rows)}
+    assert training["read_from"].startswith(f"s3://rmflow/datasets/{project}/"), training
+    assert training["workers"] == "2" and training["worker_nodes"] == "2", training
+    assert training["ray_run"].startswith("s3://rmflow/ray_results/"), training
+    keys = [o["Key"] for o in store.client().list_objects_v2(Bucket="rmflow", Prefix=f"datasets/{project}/").get("Contents", [])]
+    version = training["read_from"].rsplit("/", 1)[1]
+    assert f"datasets/{project}/{version}/manifest.json" in keys and any("/snapshots/" in k for k in keys), keys
+    run_keys = store.client().list_objects_v2(Bucket="rmflow", Prefix=training["ray_run"].removeprefix("s3://rmflow/"))
+    assert any("checkpoint" in o["Key"] for o in run_keys.get("Contents", [])), run_keys.get("Contents", [])[:10]
+    versions = MlflowClient(team_home[1]["mlflow"]["url"]).search_model_versions(f"name='{project}-reward'")
+    assert len(versions) == 1 and versions[0].tags["dataset_version"] == version
