@@ -26,6 +26,7 @@ from rmcore.paths import dataset_root, mlflow_tracking_uri
 from rmcore.records import content_hash
 from rmcore.sweep import PipelineTune
 from rmcore.watermark import advance_watermark, read_watermark
+from rmflow.infra.team import team_storage
 from rmflow.tasks.collect import collect_task
 from rmflow.tasks.dataset import dataset_task, publish_task
 from rmflow.tasks.evaluate import evaluate_task
@@ -125,12 +126,15 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
             run = tuned.run.model_copy(update={"strength": params.run.strength})
             logger.info("tune: %s config %s (best validation accuracy %s)", "tuned" if tuned.tuned else "reused",
                         tuned.config_file, tuned.best_val_accuracy)
+        # with the team's bucket each version is kept there, and the ensemble's members and Ray
+        # Train's workers read it there (on any node); in-process training, register and evaluate
+        # read this machine's copy of it
+        bucket = team_storage() is not None
+        uri = publish_task(str(data), params.project, snapshot.snapshot) if bucket else None
         if run.strength.ensemble:
-            strength = strength_task(run, data, track=True)
+            strength = strength_task(run, data, track=True, source=uri)
             run, data = strength.run, strength.dataset  # what MLflow logs is what was trained
-        # with the team's bucket the version is kept there, and Ray Train's workers read it there (on
-        # any node); in-process training, register and evaluate read this machine's copy of it
-        uri = publish_task(str(data), params.project, snapshot.snapshot)
+            uri = publish_task(str(data), params.project) if bucket else None
         trained = train_task(run, uri if uri and run.scale.on_ray_train else data, default_model_dir(Path(data), run))
         create_table_artifact([{"what": k, "value": str(v)} for k, v in _training_summary(trained, uri).items()], key="training",
                               description=f"where and how {params.model_name} trained")

@@ -5,8 +5,8 @@ Members differ in seed and data order and train on the same train split for the 
 Every split's pairs are scored by every member: train strengths drive the strategy; held-out
 strengths (pairs no member saw) only annotate validation/test, so reports can break accuracy
 down by strength. With `strength.parallel` members are Ray tasks that run as many at once as the
-cluster's resources allow; their model folders go to a driver-side temporary folder, so a
-multi-node cluster needs it on shared storage (as `scale.storage_path`).
+cluster's resources allow, each in a temporary folder of the node it runs on; with the team's
+bucket they read the dataset version there (`source`), so nodes need no shared disk.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from rmcore.evaluate import evaluate_rows
 from rmcore.records import content_hash
 from rmcore.scoring import RewardScorer
 from rmcore.strength import REANNOTATION_FILE, STRENGTH_FILE, apply_strategy, final_run_config, reannotation_candidates, strength_stats
-from rmflow.infra.ray_train import fit, map_on_ray
+from rmflow.infra.ray_train import fit, local_dataset, map_on_ray
 
 
 def member_config(cfg: RunConfig, member: int) -> RunConfig:
@@ -41,28 +41,31 @@ def pair_diffs(model_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
     return evaluate_rows(RewardScorer(model_dir), rows).diffs if rows else np.zeros(0)
 
 
-def train_member(cfg: RunConfig, data_dir: Path, model_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Trains one member and scores every split's pairs with it."""
-    summary = fit(cfg, data_dir, model_dir)
-    groups = load_groups(data_dir)
-    return summary, {split: pair_diffs(model_dir, groups[split].to_list()) for split in SPLITS}
+def train_member(cfg: RunConfig, data: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Trains one member and scores every split's pairs with it, in a temporary folder of the process
+    it runs in (on any node). `data`: a dataset folder, or the version in the team's bucket (s3://…),
+    which the member's training workers then read for themselves."""
+    with tempfile.TemporaryDirectory(prefix="rmflow-member-") as tmp, local_dataset(data) as local:
+        model_dir = Path(tmp) / "model"
+        summary = fit(cfg, data if cfg.scale.on_ray_train else local, model_dir)
+        groups = load_groups(local)
+        return summary, {split: pair_diffs(model_dir, groups[split].to_list()) for split in SPLITS}
 
 
-def train_members(cfg: RunConfig, data_dir: Path, work: Path) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+def train_members(cfg: RunConfig, data: str) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
     configs = [member_config(cfg, m) for m in range(cfg.strength.ensemble)]
-    dirs = [work / f"member{m}" for m in range(len(configs))]
     if not cfg.strength.parallel or cfg.scale.on_ray_train:
-        return [train_member(c, data_dir, d) for c, d in zip(configs, dirs)]
-    return map_on_ray(train_member, [(c, data_dir.resolve(), d.resolve()) for c, d in zip(configs, dirs)], cfg.scale)
+        return [train_member(c, data) for c in configs]
+    return map_on_ray(train_member, [(c, data) for c in configs], cfg.scale)
 
 
-def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False) -> dict[str, Any]:
+def ensemble_strengths(cfg: RunConfig, data_dir: Path, track: bool = False, source: str | None = None) -> dict[str, Any]:
     """Trains the M members; returns per split the rows and each pair's strength (mean, std).
-    With `track`, each member is an MLflow run (kind `strength-member`)."""
+    With `track`, each member is an MLflow run (kind `strength-member`). `source`: the same version
+    in the team's bucket, which the members read instead of `data_dir` (on a cluster without shared disk)."""
     data_dir = Path(data_dir)
     groups = load_groups(data_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = train_members(cfg, data_dir, Path(tmp))
+    results = train_members(cfg, source or str(data_dir.resolve()))
     run_ids = []
     if track:
         from rmflow.infra.mlflow_client import log_run
@@ -112,11 +115,13 @@ def write_strength_dataset(cfg: RunConfig, data_dir: Path, ensemble: dict[str, A
     return StrengthDataset(dataset=str(out), label_dataset=str(data_dir), run=final_run_config(cfg), summary=summary)
 
 
-def build_strength_dataset(cfg: RunConfig, data_dir: Path, out_root: Path | None = None, track: bool = False) -> StrengthDataset:
-    """The ensemble, then the strength-annotated dataset version and the config to train on it."""
+def build_strength_dataset(cfg: RunConfig, data_dir: Path, out_root: Path | None = None, track: bool = False,
+                           source: str | None = None) -> StrengthDataset:
+    """The ensemble, then the strength-annotated dataset version and the config to train on it.
+    `source`: the version `data_dir` holds, in the team's bucket: the members train from there."""
     if not cfg.strength.ensemble:
         raise ValueError("strength.ensemble is 0: there is no ensemble to train")
-    return write_strength_dataset(cfg, Path(data_dir), ensemble_strengths(cfg, Path(data_dir), track), out_root)
+    return write_strength_dataset(cfg, Path(data_dir), ensemble_strengths(cfg, Path(data_dir), track, source), out_root)
 
 
 strength_task = task(build_strength_dataset, name="strength-ensemble", tags=["rmflow-training"])

@@ -669,9 +669,10 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
                                                                                    tmp_path_factory, tmp_path, monkeypatch):
     """`rmflow up --team` serving the deployments, RAY_ADDRESS naming a two-node cluster whose nodes
     share no disk: a run created as the Prefect UI does collects from Label Studio, keeps the snapshot
-    and the dataset version in the bucket (datasets/<project>/, manifest last), and trains one worker
-    per node, each reading the version from the bucket, with Ray Train's checkpoints under the bucket's
-    ray_results/ (the team default: no storage_path given); the version lands in the team registry."""
+    and the dataset versions in the bucket (datasets/<project>/, manifest last), trains its strength
+    ensemble's members and then the model with one worker per node, every Ray Train run reading its
+    version from the bucket, with the checkpoints under the bucket's ray_results/ (the team default:
+    no storage_path given); the version lands in the team registry."""
     import uuid
 
     import httpx
@@ -698,8 +699,10 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
 
     params = {"project": project, "model_name": f"{project}-reward",
               "run": {"model": {"backbone": str(tiny_bert), "max_length": 64}, "optim": {"lr": 3e-3, "epochs": 1},
-                      "scale": {"workers": 2, "placement_strategy": "STRICT_SPREAD", "checkpoint_every": 2}},
-              "gate": {"min_accuracy": 0.0, "max_ece": 1.0, "max_length_bias": 1.0, "delta": 1.0, "bootstrap": 200}}
+                      "scale": {"workers": 2, "placement_strategy": "STRICT_SPREAD", "checkpoint_every": 2},
+                      "strength": {"ensemble": 2}},
+              "gate": {"min_accuracy": 0.0, "max_ece": 1.0, "max_length_bias": 1.0, "delta": 1.0, "bootstrap": 200},
+              "reannotate_max": 0}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     cluster = Cluster(env=store.env(), num_cpus=2)
@@ -726,10 +729,20 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
     assert training["read_from"].startswith(f"s3://rmflow/datasets/{project}/"), training
     assert training["workers"] == "2" and training["worker_nodes"] == "2", training
     assert training["ray_run"].startswith("s3://rmflow/ray_results/"), training
-    keys = [o["Key"] for o in store.client().list_objects_v2(Bucket="rmflow", Prefix=f"datasets/{project}/").get("Contents", [])]
-    version = training["read_from"].rsplit("/", 1)[1]
-    assert f"datasets/{project}/{version}/manifest.json" in keys and any("/snapshots/" in k for k in keys), keys
-    run_keys = store.client().list_objects_v2(Bucket="rmflow", Prefix=training["ray_run"].removeprefix("s3://rmflow/"))
+    client = store.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="rmflow", Prefix=f"datasets/{project}/").get("Contents", [])]
+    strength_version = training["read_from"].rsplit("/", 1)[1]
+    label_version = strength_version.split("-strength-")[0]
+    for version in (label_version, strength_version):  # the labels' version, and the strength version that trained
+        assert f"datasets/{project}/{version}/manifest.json" in keys, keys
+    assert any(k.startswith(f"datasets/{project}/snapshots/") for k in keys), keys
+    run_keys = client.list_objects_v2(Bucket="rmflow", Prefix=training["ray_run"].removeprefix("s3://rmflow/"))
     assert any("checkpoint" in o["Key"] for o in run_keys.get("Contents", [])), run_keys.get("Contents", [])[:10]
+    # every Ray Train run of this pipeline (the ensemble's two members, then the model) read a version in the bucket
+    claims = [json.loads(client.get_object(Bucket="rmflow", Key=o["Key"])["Body"].read())["data"]
+              for o in client.list_objects_v2(Bucket="rmflow", Prefix="ray_results/").get("Contents", [])
+              if o["Key"].endswith("/rmflow_run.json")]
+    mine = sorted(d for d in claims if f"/datasets/{project}/" in d)
+    assert mine == sorted([f"s3://rmflow/datasets/{project}/{label_version}"] * 2 + [training["read_from"]]), claims
     versions = MlflowClient(team_home[1]["mlflow"]["url"]).search_model_versions(f"name='{project}-reward'")
-    assert len(versions) == 1 and versions[0].tags["dataset_version"] == version
+    assert len(versions) == 1 and versions[0].tags["label_dataset_version"] == label_version
