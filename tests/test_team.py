@@ -744,5 +744,6 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
               if o["Key"].endswith("/rmflow_run.json")]
     mine = sorted(d for d in claims if f"/datasets/{project}/" in d)
     assert mine == sorted([f"s3://rmflow/datasets/{project}/{label_version}"] * 2 + [training["read_from"]]), claims
-    versions = MlflowClient(team_home[1]["mlflow"]["url"]).search_model_versions(f"name='{project}-reward'")
+    server = result["mlflow"]["url"]  # the registry named explicitly: an earlier test may have set mlflow's global one
+    versions = MlflowClient(server, registry_uri=server).search_model_versions(f"name='{project}-reward'")
     assert len(versions) == 1 and versions[0].tags["label_dataset_version"] == label_version
