@@ -283,8 +283,8 @@ def wait_healthy(url: str, deadline_s: float, alive: Callable[[], bool] = lambda
 
 def sticky_ports(home: Path, wanted: dict[str, int]) -> dict[str, int]:
     """Ports for a service's next start: each the one it had last time (kept in home/ports.json; it
-    wins over `wanted`), else `wanted`'s (0: any), else a free one. A server whose state names its own address (SeaweedFS's
-    master keeps its raft peers by address) comes back where it was."""
+    wins over `wanted`), else `wanted`'s (0: any), else a free one. A server whose state names its
+    own address (SeaweedFS's master keeps its raft peers by address) comes back where it was."""
     path = home / "ports.json"
     try:
         saved = json.loads(path.read_text())

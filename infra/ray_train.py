@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rmcore.atomic import write_atomic
 from rmcore.config import RunConfig, ScaleConfig
 from rmcore.inference import resolve_device
 from rmcore.model import META_FILE
@@ -219,19 +220,16 @@ def run_identity(cfg: RunConfig, data: str) -> dict[str, Any]:
 
 def _claim_run(filesystem, path: str, identity: dict[str, Any], run_name: str) -> None:
     """Records the run's identity at its first start; a later start under the same name with another
-    dataset or config is refused (Ray Train would restore that run's checkpoint into this one).
-    Written whole (a temp file moved into place; an S3 object is whole anyway). Two first starts of
-    one name at the same moment are not told apart: the name is the user's to keep apart."""
+    dataset or config is refused (Ray Train would restore that run's checkpoint into this one). The
+    record is written whole; on local storage the first of two concurrent first starts wins (and the
+    other is compared with it), in a bucket two first starts at the same moment are not told apart."""
     from pyarrow import fs
 
-    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
-        local = isinstance(filesystem, fs.LocalFileSystem)
-        staging = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if local else path
-        with filesystem.open_output_stream(staging) as f:
+    if isinstance(filesystem, fs.LocalFileSystem):
+        write_atomic(Path(path), json.dumps(identity), replace=False)
+    elif filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        with filesystem.open_output_stream(path) as f:  # an S3 object is written whole or not at all
             f.write(json.dumps(identity).encode())
-        if local:
-            filesystem.move(staging, path)
-        return
     try:
         with filesystem.open_input_stream(path) as f:
             first = json.loads(f.read())
