@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import socket
@@ -165,3 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # A finished rank leaves without finalizing the interpreter: torch's own threads (gloo's workers,
+    # the autograd engine's) can still drop tensors while Python tears the GIL down, which aborts the
+    # process ("terminate called without an active exception", pytorch/pytorch#190489) after its work
+    # is written, and torchrun then fails the whole run (seen once in CI, FSDP on gloo). Everything
+    # this process writes is closed by now; only the standard streams and log handlers need flushing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
