@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    Operator,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
@@ -34,17 +35,22 @@ class PipelineActivity:
 
 
 def pipeline_activity(deployment: str = PIPELINE_DEPLOYMENT, since: datetime | None = None) -> PipelineActivity:
+    """The deployment's runs in flight and whether one was created after `since`, from one read: a
+    run the trigger creates between two reads would look created but not in flight, that is over,
+    and the receiver would ask for a second run (CANCEL_NEW cancels one of the two)."""
     with get_client(sync_client=True) as client:
         dep = DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(deployment).id]))
-        busy = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=IN_FLIGHT))))
+        in_flight = FlowRunFilterState(type=FlowRunFilterStateType(any_=IN_FLIGHT))
+        # a run is expected to start when it is created (or later): none expected after `since`, none created
+        after = None if since is None else FlowRunFilterExpectedStartTime(after_=since)
+        runs = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(
+            state=in_flight, expected_start_time=after, operator=Operator.or_))
         last = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
-        # a run is expected to start when it is created (or later): none expected after `since`, none created
-        created = since is not None and bool(client.read_flow_runs(deployment_filter=dep, limit=1, flow_run_filter=FlowRunFilter(
-            expected_start_time=FlowRunFilterExpectedStartTime(after_=since))))
     soon = datetime.now(timezone.utc) + timedelta(seconds=SOON_S)
-    busy = [r for r in busy if r.state_type != StateType.SCHEDULED or r.expected_start_time is None or r.expected_start_time <= soon]
+    busy = [r for r in runs if r.state_type in IN_FLIGHT
+            and (r.state_type != StateType.SCHEDULED or r.expected_start_time is None or r.expected_start_time <= soon)]
+    created = since is not None and any(r.expected_start_time is not None and r.expected_start_time >= since for r in runs)
     return PipelineActivity([f"{r.name} ({r.id})" for r in busy], last[0].start_time if last else None, created)
 
 

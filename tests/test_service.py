@@ -351,6 +351,46 @@ def test_label_studio_down_when_the_run_starts_fails_named_and_the_next_label_re
     assert is_after(watermark(stack, project), before)
 
 
+def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ended(stack, monkeypatch):
+    """What the receiver asks Prefect before asking for a run (in flight? created since I asked?) is
+    one consistent answer. CI at c52d6b4: the trigger created the run between two separate reads, it
+    looked created and not in flight (over), the next label 0.2 s later asked for a second run, and
+    CANCEL_NEW cancelled the first. Here a run is created right after the receiver's first read, on
+    a deployment no runner serves (so nothing executes it)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from rmflow.infra.pipeline_runs import pipeline_activity
+    from rmflow.infra.stack import using_prefect
+
+    api = stack["api"]
+    flow_id = httpx.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).raise_for_status().json()["id"]
+    dep_id = httpx.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).raise_for_status().json()["id"]
+    created: list[str] = []
+    read = SyncPrefectClient.read_flow_runs
+
+    def read_then_a_run_is_created(self, *args, **kwargs):
+        runs = read(self, *args, **kwargs)
+        if not created:
+            created.append(httpx.post(f"{api}/deployments/{dep_id}/create_flow_run", json={}).raise_for_status().json()["id"])
+        return runs
+
+    try:
+        since = datetime.now(timezone.utc)
+        with using_prefect(api):
+            monkeypatch.setattr(SyncPrefectClient, "read_flow_runs", read_then_a_run_is_created)
+            during = pipeline_activity("rmflow-race-probe/probe", since)
+            monkeypatch.undo()
+            after = pipeline_activity("rmflow-race-probe/probe", since)
+        assert created
+        assert (during.created_since, during.in_flight) == (False, []), during  # not seen at all: the receiver's grace applies
+        assert after.created_since and [r for r in after.in_flight if created[0] in r], after  # seen, in flight
+    finally:
+        for run_id in created:
+            httpx.delete(f"{api}/flow_runs/{run_id}")
+        httpx.delete(f"{api}/deployments/{dep_id}")
+        httpx.delete(f"{api}/flows/{flow_id}")
+
+
 def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stack):
     """A reboot or OOM kill mid-training: the runner and its flow run die with SIGKILL, leaving the
     run RUNNING. Its heartbeats stop, the zombie automation marks it Crashed, and it stops blocking
@@ -380,6 +420,8 @@ def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stac
     done = wait_until_done(api, rerun["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     assert flow_result(api, rerun["id"])["new_rankings"] == str(N + 2)
+    # two labels a fraction of a second apart asked once: no second run, not even one CANCEL_NEW cancelled
+    assert [r["id"] for r in flow_runs(api, PIPELINE, since2, project)] == [rerun["id"]]
 
 
 def _browser():
