@@ -204,10 +204,19 @@ async def decide(count: LabelCount, prefect_api: str) -> str | None:
         reason = retrain_reason(count.watch.policy, pending, now, in_flight, activity.last_start, same)
         if reason is None:
             return None
-        await emit_ready(prefect_api, count.watch, pending, watermark, reason)
+        # recorded before posting: a post that fails after Prefect got it (a timeout) has asked, and
+        # asking again before REQUEST_GRACE_S would start a second run
         async with count.lock:
+            before = count.fired_at, count.fired_for, count.fired_count
             count.fired_at, count.fired_for, count.fired_count = now, watermark.at, len(pending)
             count.save()
+        try:
+            await emit_ready(prefect_api, count.watch, pending, watermark, reason)
+        except httpx.ConnectError:  # never reached Prefect: nothing was asked, ask at the next label or tick
+            async with count.lock:
+                count.fired_at, count.fired_for, count.fired_count = before
+                count.save()
+            raise
         log.warning("%s: %d new labels (%s): asked for a pipeline run", count.watch.project, len(pending), reason)
         return reason
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -356,7 +356,8 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
     one consistent answer. CI at c52d6b4: the trigger created the run between two separate reads, it
     looked created and not in flight (over), the next label 0.2 s later asked for a second run, and
     CANCEL_NEW cancelled the first. Here a run is created right after the receiver's first read, on
-    a deployment no runner serves (so nothing executes it)."""
+    a deployment no runner serves (so nothing executes it). A run a user scheduled for tomorrow is
+    neither in flight nor the run the receiver asked for."""
     from prefect.client.orchestration import SyncPrefectClient
 
     from rmflow.infra.pipeline_runs import pipeline_activity
@@ -366,24 +367,33 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
     flow_id = httpx.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).raise_for_status().json()["id"]
     dep_id = httpx.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).raise_for_status().json()["id"]
     created: list[str] = []
+
+    def create_run(**body) -> str:
+        created.append(httpx.post(f"{api}/deployments/{dep_id}/create_flow_run", json=body).raise_for_status().json()["id"])
+        return created[-1]
+
     read = SyncPrefectClient.read_flow_runs
 
     def read_then_a_run_is_created(self, *args, **kwargs):
         runs = read(self, *args, **kwargs)
-        if not created:
-            created.append(httpx.post(f"{api}/deployments/{dep_id}/create_flow_run", json={}).raise_for_status().json()["id"])
+        if len(created) == 1:
+            create_run()
         return runs
 
     try:
         since = datetime.now(timezone.utc)
+        tomorrow = (since + timedelta(days=1)).isoformat()
+        create_run(state={"type": "SCHEDULED", "state_details": {"scheduled_time": tomorrow}})
         with using_prefect(api):
+            later = pipeline_activity("rmflow-race-probe/probe", since)
             monkeypatch.setattr(SyncPrefectClient, "read_flow_runs", read_then_a_run_is_created)
             during = pipeline_activity("rmflow-race-probe/probe", since)
             monkeypatch.undo()
             after = pipeline_activity("rmflow-race-probe/probe", since)
-        assert created
+        assert (later.created_since, later.in_flight) == (False, []), later
+        assert len(created) == 2
         assert (during.created_since, during.in_flight) == (False, []), during  # not seen at all: the receiver's grace applies
-        assert after.created_since and [r for r in after.in_flight if created[0] in r], after  # seen, in flight
+        assert after.created_since and [r for r in after.in_flight if created[1] in r] == after.in_flight != [], after  # seen, in flight
     finally:
         for run_id in created:
             httpx.delete(f"{api}/flow_runs/{run_id}")
