@@ -39,14 +39,11 @@ def app_builder(uri: str, options: ServerOptions, torch_threads: int) -> Callabl
 
 
 def deploy(uri: str, host: str, port: int, options: ServerOptions, replicas: int, torch_threads: int = 0) -> None:
-    """Starts (or joins) Ray, starts Serve's proxy on host:port and runs `replicas` replicas; returns
-    once every replica has loaded the model and is healthy."""
+    """On the Ray runtime this process joined, starts Serve's proxy on host:port and runs `replicas`
+    replicas; returns once every replica has loaded the model and is healthy."""
     import ray
     from ray import serve
 
-    from rmflow.infra.ray_train import init_ray
-
-    init_ray(None)
     gpus = ray.cluster_resources().get("GPU", 0)
     per_replica = {"num_gpus": 1, "num_cpus": 1} if gpus >= replicas else {"num_cpus": 1}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -61,14 +58,20 @@ def deploy(uri: str, host: str, port: int, options: ServerOptions, replicas: int
 
 
 def serve_replicas(uri: str, host: str, port: int, options: ServerOptions, replicas: int, torch_threads: int = 0) -> None:
-    """`deploy`, then serve until interrupted (Ctrl-C or SIGTERM), then remove the application and,
-    for a local runtime, Ray with it."""
+    """Joins (or starts) Ray, `deploy`, then serve until interrupted (Ctrl-C, or SIGTERM from the
+    moment Ray is up), then remove the application and, for a local runtime, Ray with it."""
     import ray
     from ray import serve
 
+    from rmflow.infra.ray_train import init_ray
+
     try:
+        init_ray(None)
+        # at once, not after the replicas loaded the model (minutes for a large one): ray.init leaves
+        # its core worker's fatal-signal handler on SIGTERM, which aborts the process (exit 134)
+        # before the application is removed (on a shared cluster it would keep running)
+        signal.signal(signal.SIGTERM, _interrupt)
         deploy(uri, host, port, options, replicas, torch_threads)
-        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own that aborts
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -271,6 +271,31 @@ def test_two_ray_serve_replicas_answer_and_each_follows_a_promotion(registry):
             raise
 
 
+def test_ray_serve_replicas_stopped_while_they_start_exit_cleanly(registry):
+    """SIGTERM (a service manager's stop) while `serve-rm --replicas` still waits for its replicas:
+    the command removes Serve and its local Ray and exits 0, not 134 from the fatal-signal handler
+    that Ray's core worker installs on SIGTERM."""
+    port = free_port(18760)
+    proc = spawn([str(BIN / "rmflow"), "serve-rm", "--model", f"models:/{NAME}@champion", "--port", str(port), "--replicas", "1"],
+                 registry)
+    seen = []
+    try:
+        for line in proc.stderr:  # Serve's controller is up: the replica is not ready for seconds yet
+            seen.append(line.decode(errors="replace"))
+            if "Started Serve" in seen[-1]:
+                break
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    except BaseException:
+        proc.kill()
+        raise
+    err = "".join(seen) + err.decode(errors="replace")
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM received" not in err, err[-3000:]
+    assert "is ready at" not in err, err[-3000:]  # stopped while starting: the path this test is about
+
+
 def test_mlflow_models_serve_answers_invocations_like_in_process_scoring(registry):
     port = free_port(18700)
     proc = spawn([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{registry['versions'][0]}", "--env-manager", "local",
