@@ -26,7 +26,7 @@ from rmcore.names import PIPELINE_DEPLOYMENT
 # PENDING by a dead runner stops counting once an automation marks it Crashed (flows/deploy.py)
 IN_FLIGHT = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 SOON_S = 60  # a run scheduled further ahead (a user's run for tomorrow) does not hold back today's labels
-PAGE = 200  # runs per read (the server's default page), the latest expected start first
+PAGE = 200  # runs per read (the server's default page)
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,15 @@ def pipeline_activity(deployment: str = PIPELINE_DEPLOYMENT, since: datetime | N
     with get_client(sync_client=True) as client:
         dep = DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(deployment).id]))
         state = FlowRunFilterState(type=FlowRunFilterStateType(any_=IN_FLIGHT))
-        # a run is expected to start when it is created (or later): the runs created since `since` are among these
+        # a run is expected to start when it is created (or later): the runs created since `since` that
+        # start soon are among these
         window = None if since is None else FlowRunFilterExpectedStartTime(after_=since, before_=soon)
         runs = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(state=state, expected_start_time=window, operator=Operator.or_),
-                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=PAGE)
-        if len(runs) == PAGE:  # cut (a long schedule booked ahead, or many runs since): the in-flight ones read on their
-            # own, after, so a run created in between is seen in flight, never over
+                                     limit=PAGE)
+        if len(runs) == PAGE:  # cut (a long schedule booked ahead, or many runs since): the window's latest first, then the
+            # in-flight runs on their own, read after, so a run created in between is seen in flight, never over
+            runs = [] if window is None else client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(expected_start_time=window),
+                                                                   sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=PAGE)
             runs += client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(state=state),
                                          sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=PAGE)
         last = client.read_flow_runs(deployment_filter=dep, flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),

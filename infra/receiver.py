@@ -212,7 +212,7 @@ async def decide(count: LabelCount, prefect_api: str) -> str | None:
             count.save()
         try:
             await emit_ready(prefect_api, count.watch, pending, watermark, reason)
-        except httpx.ConnectError:  # never reached Prefect: nothing was asked, ask at the next label or tick
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):  # never sent: nothing was asked, ask at the next label or tick
             async with count.lock:
                 count.fired_at, count.fired_for, count.fired_count = before
                 count.save()

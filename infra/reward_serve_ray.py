@@ -77,11 +77,13 @@ def serve_replicas(uri: str, host: str, port: int, options: ServerOptions, repli
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the clean-up short
         try:
-            if os.environ.get("RAY_ADDRESS"):
-                serve.delete(APP_NAME)  # a shared cluster keeps Serve for others
-            else:
-                serve.shutdown()
+            if ray.is_initialized():  # else Ray never came up, and Serve's clean-up would start (or join) a runtime of its own
+                if os.environ.get("RAY_ADDRESS"):
+                    serve.delete(APP_NAME)  # a shared cluster keeps Serve for others
+                else:
+                    serve.shutdown()
         finally:
             ray.shutdown()
 

@@ -271,6 +271,7 @@ def test_two_ray_serve_replicas_answer_and_each_follows_a_promotion(registry):
             raise
 
 
+@pytest.mark.timeout(300)  # reads the child's stderr until a line: never hang CI if it neither prints nor exits
 def test_ray_serve_replicas_stopped_while_they_start_exit_cleanly(registry):
     """SIGTERM (a service manager's stop) while `serve-rm --replicas` still waits for its replicas:
     the command removes Serve and its local Ray and exits 0, not 134 from the fatal-signal handler
