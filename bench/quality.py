@@ -65,13 +65,14 @@ def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
     started = time.perf_counter()
     sweep = load_sweep_config(args.sweep, {"trials": args.trials, "time_budget_s": args.time_budget_s})
     base = default_config(kind, args)
+    base = base.model_copy(update={"optim": base.optim.model_copy(update={"select_by": args.tuned_select_by})})
     result = run_sweep(base, data, sweep, name=f"quality-{kind}-{os.getpid()}")
     summary = train_reward_model(result.best, data, data.parent / f"tuned-{kind}")
     changed = {k: v for k, v in result.best.flat_params().items() if base.flat_params()[k] != v}
     return test_row(data.parent / f"tuned-{kind}", data, started, {
         "trials": len(result.trials), "trials_finished": sum(t["finished"] for t in result.trials),
         "time_budget_s": sweep.time_budget_s, "space": sweep.space, "best": changed,
-        "best_trial_val_accuracy": result.best_val_accuracy, "val_accuracy": summary["val_accuracy"],
+        "select_by": base.optim.select_by, "best_trial_val_accuracy": result.best_val_accuracy, "val_accuracy": summary["val_accuracy"],
         "best_step": summary["best_step"], "steps": summary["steps"]})
 
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=6, help="The tuned system's trial budget (configurations tried).")
     parser.add_argument("--time-budget-s", type=float, default=None, help="Wall-clock budget of each sweep.")
     parser.add_argument("--sweep", type=Path, default=None, help="YAML SweepConfig (space etc.); --trials overrides it.")
+    parser.add_argument("--tuned-select-by", choices=["accuracy", "loss"], default="accuracy",
+                        help="The tuned system's optim.select_by: what ASHA, the best trial and each run's best state go by.")
     parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned, scalar, seqcls "
                         "(rmflow's defaults with model.head forced) to run.")
     args = parser.parse_args(argv)

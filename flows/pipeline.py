@@ -158,7 +158,8 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
     if strength is not None:
         out["strength"] = strength.summary
     if tuned is not None:
-        out["tune"] = tuned.model_dump(mode="json", include={"config_file", "tuned", "parent_run_id", "best_val_accuracy"})
+        out["tune"] = tuned.model_dump(mode="json", include={"config_file", "tuned", "parent_run_id", "best_val_accuracy", "best_val_loss",
+                                                              "selected_by"})
     out |= {"run_id": registered.run_id, "version": promoted.version, "passed": promoted.passed, "reasons": promoted.reasons,
             "champion_version": promoted.champion_version, "metrics": promoted.metrics,
             "gate_checks": [c["check"] for c in promoted.gate]}

@@ -1,6 +1,7 @@
-"""Hyper-parameter sweeps on Ray Tune: trials of the rmcore loop, each reporting validation accuracy at
-every evaluation (with a checkpoint), ASHA stopping the weak ones early, every trial an MLflow child
-run of the sweep's parent run, the best configuration returned as a RunConfig.
+"""Hyper-parameter sweeps on Ray Tune: trials of the rmcore loop, each reporting validation metrics at
+every evaluation (with a checkpoint), ASHA stopping the weak ones early on the metric `optim.select_by`
+names, every trial an MLflow child run of the sweep's parent run, the best configuration returned as a
+RunConfig.
 
 Ray notes that shaped this file:
 - Trials are Tune function trainables running the loop in-process (one model each, torch threads =
@@ -28,13 +29,12 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
-from rmcore.config import RunConfig
+from rmcore.config import RunConfig, SelectBy
 from rmcore.paths import rmflow_home
 from rmcore.sweep import SweepConfig, trial_config
-from rmcore.train import WorkerContext, train_reward_model
+from rmcore.train import SELECT_METRIC, WorkerContext, selection_rank, train_reward_model
 from rmflow.infra.ray_train import STATE_FILE, init_ray, read_checkpoint
 
-METRIC = "val_accuracy"
 SWEEP_FILE = "rmflow_sweep.json"  # what the sweep was started with: a restore needs nothing else
 
 
@@ -43,6 +43,8 @@ class SweepResult:
     best: RunConfig
     best_trial: str
     best_val_accuracy: float
+    best_val_loss: float | None
+    selected_by: str  # the validation metric the sweep ranked its trials by (optim.select_by's)
     path: str
     parent_run_id: str
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -77,11 +79,12 @@ def run_sweep(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str | N
     runtime = init_ray(base.scale.ray_address)
     space = {dotted: tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
              for dotted, spec in sweep.space.items() for kind, args in spec.items()}
+    metric, mode = SELECT_METRIC[base.optim.select_by]
     tuner = tune.Tuner(
         _trainable(base),
         param_space={"space": space, "base": started["base"], "data_dir": str(data_dir), "attempts": str(path / "attempts")},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=sweep.trials, time_budget_s=sweep.time_budget_s,
+            metric=metric, mode=mode, num_samples=sweep.trials, time_budget_s=sweep.time_budget_s,
             max_concurrent_trials=_concurrency(base, sweep), scheduler=_scheduler(base, sweep),
             search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
         ),
@@ -90,7 +93,7 @@ def run_sweep(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str | N
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[MlflowTrials(parent, name)], verbose=0,
         ),
     )
-    return _finish(_fit(tuner, parent), path, parent, runtime)
+    return _finish(_fit(tuner, parent), path, parent, runtime, base.optim.select_by)
 
 
 def _fit(tuner, parent: str):
@@ -117,7 +120,7 @@ def resume_sweep(path: Path) -> SweepResult:
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"{path}: Ray Tune left no experiment state to restore (was the sweep started?)")
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(base), resume_errored=True)
-    return _finish(_fit(tuner, started["parent_run_id"]), path, started["parent_run_id"], runtime)
+    return _finish(_fit(tuner, started["parent_run_id"]), path, started["parent_run_id"], runtime, base.optim.select_by)
 
 
 def _trainable(base: RunConfig):
@@ -182,14 +185,14 @@ def run_trial(config: dict[str, Any]) -> None:
                  "pairs_per_s": summary["pairs_per_s"], "final": 1})
 
 
-def _finish(grid, path: Path, parent: str, runtime: dict[str, Any]) -> SweepResult:
+def _finish(grid, path: Path, parent: str, runtime: dict[str, Any], by: SelectBy) -> SweepResult:
     """The best trial among those that trained to the end (ASHA's stopped ones were behind at a rung),
-    by validation accuracy, ties by validation loss; logged to the parent run."""
+    ranked as the base config's `optim.select_by` ranks a run's states; logged to the parent run."""
     trials = []
     for result in grid:
         m = result.metrics or {}
         trials.append({"trial": m.get("trial_id") or Path(result.path).name, "values": (result.config or {}).get("space", {}),
-                       "val_accuracy": m.get(METRIC), "val_loss": m.get("val_loss"), "epoch": m.get("epoch"),
+                       "val_accuracy": m.get("val_accuracy"), "val_loss": m.get("val_loss"), "epoch": m.get("epoch"),
                        "finished": bool(m.get("final")), "error": str(result.error)[:300] if result.error else None,
                        "restarts": max(0, len(list((path / "attempts" / str(m.get("trial_id"))).glob("*"))) - 1),
                        "base": (result.config or {}).get("base")})
@@ -198,13 +201,13 @@ def _finish(grid, path: Path, parent: str, runtime: dict[str, Any]) -> SweepResu
     if not finished:
         raise RuntimeError(f"no trial of the sweep at {path} reported a validation accuracy: "
                            + "; ".join(t["error"] or "no result" for t in trials)[:600])
-    best = max(finished, key=lambda t: (t["val_accuracy"], -(t["val_loss"] if t["val_loss"] is not None else math.inf)))
+    best = max(finished, key=lambda t: selection_rank({"accuracy": t["val_accuracy"], "loss": t["val_loss"]}, by))
     best_cfg = trial_config(RunConfig.model_validate(best["base"]), best["values"])
     _log_parent(parent, best_cfg, best, trials)
     for t in trials:
         t.pop("base")
-    return SweepResult(best=best_cfg, best_trial=best["trial"], best_val_accuracy=best["val_accuracy"], path=str(path),
-                       parent_run_id=parent, trials=trials, runtime=runtime)
+    return SweepResult(best=best_cfg, best_trial=best["trial"], best_val_accuracy=best["val_accuracy"], best_val_loss=best["val_loss"],
+                       selected_by=SELECT_METRIC[by][0], path=str(path), parent_run_id=parent, trials=trials, runtime=runtime)
 
 
 def _parent_run(name: str, base: RunConfig, sweep: SweepConfig, data_dir: Path) -> str:
@@ -226,6 +229,9 @@ def _log_parent(parent: str, best: RunConfig, trial: dict[str, Any], trials: lis
 
     client: MlflowClient = configure_mlflow()
     client.log_metric(parent, "best_val_accuracy", float(trial["val_accuracy"]))
+    if trial["val_loss"] is not None:
+        client.log_metric(parent, "best_val_loss", float(trial["val_loss"]))
+    client.set_tag(parent, "selected_by", SELECT_METRIC[best.optim.select_by][0])
     client.log_metric(parent, "trials", len(trials))
     client.log_metric(parent, "trials_finished", sum(t["finished"] for t in trials))
     client.log_metric(parent, "trial_restarts", sum(t["restarts"] for t in trials))

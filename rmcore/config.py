@@ -96,6 +96,9 @@ class ModelConfig(_Strict):
     )
 
 
+SelectBy = Literal["accuracy", "loss"]
+
+
 class OptimConfig(_Strict):
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and norms).")
@@ -126,8 +129,14 @@ class OptimConfig(_Strict):
         "once (a forward pass; the time it adds is measured in bench/RESULTS.md).",
     )
     select_best: bool = Field(
-        True, description="Keep the best evaluated state (highest validation accuracy, ties by lower validation loss) "
+        True, description="Keep the best evaluated state (ranked by `select_by`) "
         "and save it instead of the last one; a CPU copy of the weights is held. Needs a validation split (else off).",
+    )
+    select_by: SelectBy = Field(
+        "accuracy", description="What `select_best`, early stopping and `rmflow tune` (ASHA and the best trial) rank "
+        "states by. accuracy: the highest validation accuracy, ties by the lower loss. loss: the lowest validation "
+        "Bradley-Terry loss, ties by the higher accuracy; on a small validation split it is the less noisy signal "
+        "(every pair's margin counts, not only its sign) and it ranks an over-confident, over-fit state low.",
     )
     early_stopping_patience: int = Field(
         3, ge=0, description="With `select_best`: stop training after this many evaluations in a row without a better "

@@ -34,7 +34,7 @@ class SweepConfig(BaseModel):
     concurrent: int = Field(0, ge=0, description="Trials at once; 0 = as many as the cluster's CPUs (or GPUs with "
                             "scale.use_gpu) hold at scale.cpus_per_worker each.")
     grace_epochs: float = Field(0.4, gt=0, description="ASHA: epochs every trial trains before it may be stopped for "
-                                "scoring in the bottom of its rung on validation accuracy.")
+                                "scoring in the bottom of its rung on the validation metric (optim.select_by).")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: the fraction 1/η of trials kept at each rung.")
     max_failures: int = Field(2, ge=0, description="Restarts of a trial whose worker died, each from its last checkpoint "
                               "(one is taken at every evaluation).")
@@ -62,6 +62,9 @@ class SweepConfig(BaseModel):
             if dotted.startswith(("strength.", "scale.")):
                 raise ValueError(f"search space: {dotted!r} cannot be searched (trials train one model in-process, "
                                  "without a strength ensemble)")
+            if dotted == "optim.select_by":
+                raise ValueError("search space: 'optim.select_by' cannot be searched: it is how the sweep compares "
+                                 "its trials (set it in the base config)")
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise ValueError(f"search space: {dotted!r} needs one of {', '.join(DISTRIBUTIONS)}, got {spec!r}")
         return v

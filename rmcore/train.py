@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rmcore.batching import EncodedGroup, Encoder, collate, encode_groups, group_micro_batches, plan_batches, uses_chat_template
-from rmcore.config import RunConfig
+from rmcore.config import RunConfig, SelectBy
 from rmcore.dataset import load_groups, read_manifest
 from rmcore.inference import resolve_device, score_sequences
 from rmcore.losses import compute_loss
@@ -228,6 +228,7 @@ class TrainLoop:
             "eval_every": self.best.every,
             "best_step": self.best.step,  # the step whose weights were saved (None: the last, no selection)
             "best_val_accuracy": self.best.metrics["accuracy"] if self.best.metrics else None,
+            "best_val_loss": self.best.metrics["loss"] if self.best.metrics else None,
             "stopped_early_at": self.best.stopped_at,
             "val_accuracy": final["accuracy"],
             "val_loss": final["loss"],
@@ -323,7 +324,9 @@ class TrainLoop:
         `saved_state`)."""
         step = self._step()
         final = self.best.last[1] if self.best.last and self.best.last[0] == step else self._evaluate()
-        if not self.best.on or self.best.metrics is None or self.best.step == step or _rank(final) > _rank(self.best.metrics):
+        best = self.best
+        if (not best.on or best.metrics is None or best.step == step
+                or selection_rank(final, best.by) > selection_rank(best.metrics, best.by)):
             self.best.keep_final(step, final)
             return final
         if not is_sharded(self.model):
@@ -342,7 +345,8 @@ class TrainLoop:
                                self.packing)
         evaluation = evaluate_rewards(self.val_rows, rewards)
         diffs = evaluation.diffs
-        # the Bradley-Terry loss on the validation pairs: the tie-break between equally accurate states
+        # the Bradley-Terry loss on the validation pairs: what `select_by=loss` ranks states by (else the
+        # tie-break between equally accurate states)
         loss = float(np.logaddexp(0.0, -diffs).mean()) if len(diffs) else float("nan")
         return scalar_metrics(evaluation.metrics) | {"loss": loss}
 
@@ -351,12 +355,12 @@ EVALS_PER_RUN = 4  # eval_every = 0 with select_best: evaluations a run, the las
 
 
 class _Best:
-    """Best-state selection and early stopping over one run's evaluations: the highest validation
-    accuracy, ties by the lower validation loss; training stops after `patience` evaluations in a row
-    without a better state."""
+    """Best-state selection and early stopping over one run's evaluations, ranked by `optim.select_by`;
+    training stops after `patience` evaluations in a row without a better state."""
 
     def __init__(self, cfg: RunConfig, total_steps: int, has_validation: bool) -> None:
         self.on = cfg.optim.select_best and has_validation
+        self.by = cfg.optim.select_by
         self.every = cfg.optim.eval_every or (math.ceil(total_steps / EVALS_PER_RUN) if self.on else 0)
         self.patience = cfg.optim.early_stopping_patience if self.on else 0
         self.step: int | None = None
@@ -371,7 +375,7 @@ class _Best:
         self.last = (step, metrics)
         if not self.on:
             return
-        if self.metrics is None or _rank(metrics) > _rank(self.metrics):
+        if self.metrics is None or selection_rank(metrics, self.by) > selection_rank(self.metrics, self.by):
             self.step, self.metrics, self.weights, self.since = step, metrics, weights(), 0
             return
         self.since += 1
@@ -396,9 +400,16 @@ class _Best:
             self.since, self.stopped_at = saved["since"], saved["stopped_at"]
 
 
-def _rank(metrics: dict[str, Any]) -> tuple[float, float]:
-    nan_low = lambda x: -math.inf if x is None or math.isnan(x) else x  # noqa: E731
-    return nan_low(metrics["accuracy"]), -(math.inf if math.isnan(metrics["loss"]) else metrics["loss"])
+# what a sweep compares trials by, for each `optim.select_by`: the reported metric and its direction
+SELECT_METRIC: dict[str, tuple[str, str]] = {"accuracy": ("val_accuracy", "max"), "loss": ("val_loss", "min")}
+
+
+def selection_rank(metrics: dict[str, Any], by: SelectBy) -> tuple[float, float]:
+    """How `optim.select_by` ranks a state's validation `metrics` (accuracy, loss), higher is better:
+    (accuracy, -loss) or, selecting by loss, (-loss, accuracy); NaN ranks lowest."""
+    accuracy = -math.inf if metrics["accuracy"] is None or math.isnan(metrics["accuracy"]) else metrics["accuracy"]
+    neg_loss = -math.inf if metrics["loss"] is None or math.isnan(metrics["loss"]) else -metrics["loss"]
+    return (neg_loss, accuracy) if by == "loss" else (accuracy, neg_loss)
 
 
 class _progress:

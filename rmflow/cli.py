@@ -120,8 +120,8 @@ def tune(
     train_best: bool = typer.Option(True, help="Train the best configuration into --out after the sweep."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Search the run config on Ray Tune (ASHA on validation accuracy, every trial an MLflow child
-    run), write the best config as YAML and train it into --out."""
+    """Search the run config on Ray Tune (ASHA on validation accuracy, or on loss with --select-by loss;
+    every trial an MLflow child run), write the best config as YAML and train it into --out."""
     from pydantic import ValidationError
 
     from rmcore.config import load_run_config
@@ -140,9 +140,10 @@ def tune(
         tuned = tune_config(base, data, settings, sweep_name, resume=resume)
         for t in tuned.trials:
             restarts = f", {t['restarts']} restarts" if t["restarts"] else ""
-            console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']} at epoch {t['epoch']}"
+            console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']}, val loss {t['val_loss']} at epoch {t['epoch']}"
                           f"{'' if t['finished'] else ' (stopped early by ASHA)'}{restarts}")
-        console.print(f"[green]best[/] validation accuracy {tuned.best_val_accuracy:.3f} → {tuned.config_file}")
+        console.print(f"[green]best[/] by {tuned.selected_by}: validation accuracy {tuned.best_val_accuracy:.3f}, loss "
+                      f"{tuned.best_val_loss} → {tuned.config_file}")
         result = tuned.model_dump(mode="json", exclude={"run"})
         if train_best:
             trained = train_model(tuned.run, data, out)

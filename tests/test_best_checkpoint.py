@@ -1,12 +1,13 @@
 """Best-state selection and early stopping (rmcore.train._Best): the model saved is the best
-evaluated one, and a run whose validation accuracy stops improving stops."""
+evaluated one (by validation accuracy, or by loss with `optim.select_by=loss`), and a run whose
+selected metric stops improving stops."""
 from __future__ import annotations
 
 import pytest
 
 from rmcore.config import RunConfig
 from rmcore.evaluate import evaluate_saved_model
-from rmcore.train import train_reward_model
+from rmcore.train import _Best, train_reward_model
 
 
 def cfg_of(backbone, **optim) -> RunConfig:
@@ -37,3 +38,16 @@ def test_saved_model_is_the_best_evaluated_state_not_the_last(tiny_bert, synthet
     assert saved_best["accuracy"] == pytest.approx(max(curve)) and best["val_accuracy"] == pytest.approx(max(curve))
     assert saved_last["accuracy"] == pytest.approx(last["val_accuracy"])
     assert saved_last["accuracy"] < saved_best["accuracy"]
+
+
+@pytest.mark.parametrize("by, best_step, stopped_at", [("accuracy", 2, 6), ("loss", 4, 8)])
+def test_select_by_ranks_states_by_accuracy_or_by_loss(by, best_step, stopped_at):
+    # step 2 is the most accurate state, step 4 the one with the lowest loss (one pair fewer right,
+    # better calibrated); patience 2 stops the run at the second evaluation in a row without a better state
+    curve = {2: (0.70, 0.66), 4: (0.68, 0.60), 6: (0.66, 0.63), 8: (0.60, 0.69)}
+    best = _Best(RunConfig.model_validate({"optim": {"select_by": by, "early_stopping_patience": 2}}), 10, True)
+    for step, (accuracy, loss) in curve.items():
+        if best.stopped_at is None:
+            best.consider(step, {"accuracy": accuracy, "loss": loss}, dict)
+    assert (best.step, best.stopped_at) == (best_step, stopped_at)
+    assert (best.metrics["accuracy"], best.metrics["loss"]) == curve[best_step]

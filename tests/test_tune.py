@@ -109,7 +109,8 @@ def test_best_config_reproduces_with_rmflow_train(sweep, synthetic_dataset):
 def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, monkeypatch):
     """The driver (and the local Ray runtime that shares its fate) is SIGKILLed once Tune has recorded a
     finished trial; `rmflow tune --resume` finishes the sweep without training that trial again and
-    logs into the same MLflow runs."""
+    logs into the same MLflow runs. The sweep selects by validation loss (`--select-by loss`), which the
+    resumed sweep keeps: the best trial is the one with the lowest loss, not the highest accuracy."""
     from mlflow import MlflowClient
 
     from rmcore.paths import mlflow_tracking_uri
@@ -121,8 +122,9 @@ def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, mo
     path = Path(os.environ["RMFLOW_HOME"]) / "tune" / "resume-test"
     driver = subprocess.Popen([sys.executable, "-m", "rmflow.cli", "tune", "--data", str(synthetic_dataset), "--backbone",
                                str(tiny_bert), "--max-length", "64", "--sweep", str(tmp_path / "sweep.yaml"), "--sweep-name",
-                               "resume-test", "--no-train-best"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
+                               "resume-test", "--no-train-best", "--select-by", "loss"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "RAY_ADDRESS": ""})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
         if any('\\"TERMINATED\\"' in p.read_text() or '"TERMINATED"' in p.read_text() for p in path.glob("experiment_state*.json")):
@@ -140,3 +142,18 @@ def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, mo
     client = MlflowClient(mlflow_tracking_uri())
     experiment = client.get_experiment_by_name("rmflow").experiment_id
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")) == 3
+    best = min(out["trials"], key=lambda t: t["val_loss"])
+    assert out["selected_by"] == "val_loss" and out["best_val_loss"] == best["val_loss"], out["trials"]
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.tags["best_trial"] == best["trial"] and parent.data.tags["selected_by"] == "val_loss"
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best["val_loss"])
+
+
+def test_select_by_names_the_metric_and_direction_asha_and_the_best_trial_use():
+    """ASHA's direction follows optim.select_by (a sweep by loss that kept the highest losses would pass the
+    resume test, whose trials all finish)."""
+    from rmcore.config import RunConfig
+    from rmcore.train import SELECT_METRIC
+
+    assert SELECT_METRIC[RunConfig().optim.select_by] == ("val_accuracy", "max")
+    assert SELECT_METRIC["loss"] == ("val_loss", "min")
