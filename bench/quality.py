@@ -55,8 +55,8 @@ def run_default(kind: str, data: Path, args: argparse.Namespace, head: str = "au
     out = data.parent / f"default-{head}-{kind}"
     summary = train_reward_model(default_config(kind, args, head), data, out)
     return test_row(out, data, started, {
-        "val_accuracy": summary["val_accuracy"], "best_step": summary["best_step"], "steps": summary["steps"],
-        "stopped_early_at": summary["stopped_early_at"]})
+        "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"], "best_step": summary["best_step"],
+        "steps": summary["steps"], "stopped_early_at": summary["stopped_early_at"]})
 
 
 def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +72,8 @@ def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
     return test_row(data.parent / f"tuned-{kind}", data, started, {
         "trials": len(result.trials), "trials_finished": sum(t["finished"] for t in result.trials),
         "time_budget_s": sweep.time_budget_s, "space": sweep.space, "best": changed,
-        "select_by": base.optim.select_by, "best_trial_val_accuracy": result.best_val_accuracy, "val_accuracy": summary["val_accuracy"],
+        "select_by": base.optim.select_by, "best_trial_val_accuracy": result.best_val_accuracy,
+        "best_trial_val_loss": result.best_val_loss, "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
         "best_step": summary["best_step"], "steps": summary["steps"]})
 
 

@@ -203,7 +203,7 @@ def _finish(grid, path: Path, parent: str, runtime: dict[str, Any], by: SelectBy
                            + "; ".join(t["error"] or "no result" for t in trials)[:600])
     best = max(finished, key=lambda t: selection_rank({"accuracy": t["val_accuracy"], "loss": t["val_loss"]}, by))
     best_cfg = trial_config(RunConfig.model_validate(best["base"]), best["values"])
-    _log_parent(parent, best_cfg, best, trials)
+    _log_parent(parent, best_cfg, best, trials, by)
     for t in trials:
         t.pop("base")
     return SweepResult(best=best_cfg, best_trial=best["trial"], best_val_accuracy=best["val_accuracy"], best_val_loss=best["val_loss"],
@@ -222,7 +222,7 @@ def _parent_run(name: str, base: RunConfig, sweep: SweepConfig, data_dir: Path) 
     return run.info.run_id
 
 
-def _log_parent(parent: str, best: RunConfig, trial: dict[str, Any], trials: list[dict[str, Any]]) -> None:
+def _log_parent(parent: str, best: RunConfig, trial: dict[str, Any], trials: list[dict[str, Any]], by: SelectBy) -> None:
     from mlflow import MlflowClient
 
     from rmflow.infra.mlflow_client import configure_mlflow
@@ -231,7 +231,7 @@ def _log_parent(parent: str, best: RunConfig, trial: dict[str, Any], trials: lis
     client.log_metric(parent, "best_val_accuracy", float(trial["val_accuracy"]))
     if trial["val_loss"] is not None:
         client.log_metric(parent, "best_val_loss", float(trial["val_loss"]))
-    client.set_tag(parent, "selected_by", SELECT_METRIC[best.optim.select_by][0])
+    client.set_tag(parent, "selected_by", SELECT_METRIC[by][0])
     client.log_metric(parent, "trials", len(trials))
     client.log_metric(parent, "trials_finished", sum(t["finished"] for t in trials))
     client.log_metric(parent, "trial_restarts", sum(t["restarts"] for t in trials))

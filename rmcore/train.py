@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -401,7 +401,7 @@ class _Best:
 
 
 # what a sweep compares trials by, for each `optim.select_by`: the reported metric and its direction
-SELECT_METRIC: dict[str, tuple[str, str]] = {"accuracy": ("val_accuracy", "max"), "loss": ("val_loss", "min")}
+SELECT_METRIC: dict[SelectBy, tuple[str, Literal["max", "min"]]] = {"accuracy": ("val_accuracy", "max"), "loss": ("val_loss", "min")}
 
 
 def selection_rank(metrics: dict[str, Any], by: SelectBy) -> tuple[float, float]:

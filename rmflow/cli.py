@@ -142,8 +142,9 @@ def tune(
             restarts = f", {t['restarts']} restarts" if t["restarts"] else ""
             console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']}, val loss {t['val_loss']} at epoch {t['epoch']}"
                           f"{'' if t['finished'] else ' (stopped early by ASHA)'}{restarts}")
-        console.print(f"[green]best[/] by {tuned.selected_by}: validation accuracy {tuned.best_val_accuracy:.3f}, loss "
-                      f"{tuned.best_val_loss} → {tuned.config_file}")
+        loss = "n/a" if tuned.best_val_loss is None else f"{tuned.best_val_loss:.4f}"
+        console.print(f"[green]best[/] by {tuned.selected_by}: validation accuracy {tuned.best_val_accuracy:.3f}, loss {loss} "
+                      f"→ {tuned.config_file}")
         result = tuned.model_dump(mode="json", exclude={"run"})
         if train_best:
             trained = train_model(tuned.run, data, out)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from rmcore.atomic import write_atomic
 from rmcore.config import RunConfig
@@ -56,7 +56,8 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
     state_file = Path(state_dir) / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     base_key = base.model_dump(mode="json")
-    fresh = (not state or state.get("base") != base_key or state.get("sweep") != sweep.model_dump(mode="json")
+    fresh = (not state or _as_now(RunConfig, state.get("base")) != base_key
+             or _as_now(SweepConfig, state.get("sweep")) != sweep.model_dump(mode="json")
              or state.get("runs_since", 0) + 1 > max(1, retune_every) or not Path(state.get("config_file", "")).is_file())
     if fresh:
         tuned = tune_config(base, data_dir, sweep)
@@ -71,6 +72,15 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
         state["runs_since"] = state.get("runs_since", 0) + 1
     write_atomic(state_file, json.dumps(state, indent=1))
     return tuned
+
+
+def _as_now(model: type[BaseModel], recorded: Any) -> Any:
+    """A config recorded by an earlier rmflow as this one reads it (the settings added since at their
+    defaults, which are what that rmflow did), so an upgrade alone does not re-tune; None if unreadable."""
+    try:
+        return model.model_validate(recorded).model_dump(mode="json")
+    except ValidationError:
+        return None
 
 
 tune_task = task(tune_or_reuse, name="tune", tags=["rmflow-training"])

@@ -164,3 +164,24 @@ def test_a_ray_cluster_already_on_the_machine_does_not_break_local_training(tmp_
     stale = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                       timeout=300, check=True).stdout.strip().splitlines()[-1])
     assert stale["ray"] == "local"
+
+
+def test_a_tune_state_recorded_before_a_setting_existed_is_reused_not_re_tuned(tmp_path):
+    """The pipeline's tune state keeps the base config it tuned; one written before `optim.select_by`
+    existed lacks it. Its default is what that rmflow did, so the recorded best config is reused: a
+    re-tune would cost a whole sweep (here it would fail, the dataset folder does not exist)."""
+    import yaml
+
+    from rmcore.sweep import SweepConfig
+    from rmflow.tasks.tune import STATE_FILE, tune_or_reuse
+
+    base, sweep = RunConfig(), SweepConfig()
+    older = base.model_dump(mode="json")
+    del older["optim"]["select_by"]
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"optim": {"lr": 1e-4}}))
+    (tmp_path / STATE_FILE).write_text(json.dumps({"base": older, "sweep": sweep.model_dump(mode="json"),
+                                                   "config_file": str(best), "best_val_accuracy": 0.6, "runs_since": 1}))
+    tuned = tune_or_reuse(base, tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
+    assert not tuned.tuned and tuned.run.optim.lr == 1e-4 and tuned.best_val_loss is None
+    assert json.loads((tmp_path / STATE_FILE).read_text())["runs_since"] == 2

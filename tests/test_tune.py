@@ -149,9 +149,9 @@ def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, mo
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best["val_loss"])
 
 
-def test_select_by_names_the_metric_and_direction_asha_and_the_best_trial_use():
-    """ASHA's direction follows optim.select_by (a sweep by loss that kept the highest losses would pass the
-    resume test, whose trials all finish)."""
+def test_select_metric_table_gives_asha_the_metric_and_direction_of_each_select_by():
+    """The table run_sweep hands Tune (metric, mode): a sweep by loss that kept the highest losses would
+    pass the resume test, whose trials all finish."""
     from rmcore.config import RunConfig
     from rmcore.train import SELECT_METRIC
 
