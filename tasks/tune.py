@@ -56,8 +56,7 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
     state_file = Path(state_dir) / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     base_key = base.model_dump(mode="json")
-    fresh = (not state or _as_now(RunConfig, state.get("base")) != base_key
-             or _as_now(SweepConfig, state.get("sweep")) != sweep.model_dump(mode="json")
+    fresh = (not state or _as_now(state.get("base")) != base_key or state.get("sweep") != sweep.model_dump(mode="json")
              or state.get("runs_since", 0) + 1 > max(1, retune_every) or not Path(state.get("config_file", "")).is_file())
     if fresh:
         tuned = tune_config(base, data_dir, sweep)
@@ -74,11 +73,13 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
     return tuned
 
 
-def _as_now(model: type[BaseModel], recorded: Any) -> Any:
-    """A config recorded by an earlier rmflow as this one reads it (the settings added since at their
-    defaults, which are what that rmflow did), so an upgrade alone does not re-tune; None if unreadable."""
+def _as_now(recorded: Any) -> Any:
+    """A base RunConfig recorded by an earlier rmflow as this one reads it (the settings added since at
+    their defaults, which are what that rmflow did), so an upgrade alone does not re-tune; None if
+    unreadable. (Not for the SweepConfig: validating its dump again would put back the default space
+    entries a user removed.)"""
     try:
-        return model.model_validate(recorded).model_dump(mode="json")
+        return RunConfig.model_validate(recorded).model_dump(mode="json")
     except ValidationError:
         return None
 
