@@ -63,7 +63,8 @@ def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
     from rmflow.infra.ray_tune import run_sweep
 
     started = time.perf_counter()
-    sweep = load_sweep_config(args.sweep, {"trials": args.trials, "time_budget_s": args.time_budget_s})
+    sweep = load_sweep_config(args.sweep, {"trials": args.trials, "time_budget_s": args.time_budget_s,
+                                           "selection_fraction": args.selection_fraction})
     base = default_config(kind, args)
     base = base.model_copy(update={"optim": base.optim.model_copy(update={"select_by": args.tuned_select_by})})
     result = run_sweep(base, data, sweep, name=f"quality-{kind}-{os.getpid()}")
@@ -72,7 +73,8 @@ def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
     return test_row(data.parent / f"tuned-{kind}", data, started, {
         "trials": len(result.trials), "trials_finished": sum(t["finished"] for t in result.trials),
         "time_budget_s": sweep.time_budget_s, "space": sweep.space, "best": changed,
-        "select_by": base.optim.select_by, "best_trial_val_accuracy": result.best_val_accuracy,
+        "select_by": base.optim.select_by, "selection_fraction": sweep.selection_fraction, "selection_pairs": result.selection_pairs,
+        "best_trial_val_accuracy": result.best_val_accuracy,
         "best_trial_val_loss": result.best_val_loss, "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
         "best_step": summary["best_step"], "steps": summary["steps"]})
 
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sweep", type=Path, default=None, help="YAML SweepConfig (space etc.); --trials overrides it.")
     parser.add_argument("--tuned-select-by", choices=["accuracy", "loss"], default="accuracy",
                         help="The tuned system's optim.select_by: what ASHA, the best trial and each run's best state go by.")
+    parser.add_argument("--selection-fraction", type=float, default=None,
+                        help="The sweep's selection_fraction (overrides the --sweep file; default the SweepConfig's).")
     parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned, scalar, seqcls "
                         "(rmflow's defaults with model.head forced) to run.")
     args = parser.parse_args(argv)

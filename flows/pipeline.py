@@ -159,7 +159,7 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
         out["strength"] = strength.summary
     if tuned is not None:
         out["tune"] = tuned.model_dump(mode="json", include={"config_file", "tuned", "parent_run_id", "best_val_accuracy", "best_val_loss",
-                                                              "selected_by"})
+                                                              "selected_by", "selection_pairs"})
     out |= {"run_id": registered.run_id, "version": promoted.version, "passed": promoted.passed, "reasons": promoted.reasons,
             "champion_version": promoted.champion_version, "metrics": promoted.metrics,
             "gate_checks": [c["check"] for c in promoted.gate]}

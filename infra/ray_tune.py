@@ -1,7 +1,8 @@
 """Hyper-parameter sweeps on Ray Tune: trials of the rmcore loop, each reporting validation metrics at
 every evaluation (with a checkpoint), ASHA stopping the weak ones early on the metric `optim.select_by`
 names, every trial an MLflow child run of the sweep's parent run, the best configuration returned as a
-RunConfig.
+RunConfig. Trials train on the training split less `selection_fraction` of its prompts and are ranked on
+the validation split plus those prompts (rmcore.dataset.write_selection_dataset); they never see the test split.
 
 Ray notes that shaped this file:
 - Trials are Tune function trainables running the loop in-process (one model each, torch threads =
@@ -30,6 +31,7 @@ import torch
 from ray.tune import Callback
 
 from rmcore.config import RunConfig, SelectBy
+from rmcore.dataset import read_manifest, write_selection_dataset
 from rmcore.paths import rmflow_home
 from rmcore.sweep import SweepConfig, trial_config
 from rmcore.train import SELECT_METRIC, WorkerContext, selection_rank, train_reward_model
@@ -45,6 +47,7 @@ class SweepResult:
     best_val_accuracy: float
     best_val_loss: float | None
     selected_by: str  # the validation metric the sweep ranked its trials by (optim.select_by's)
+    selection_pairs: int  # the pairs it ranked them on (validation + the training prompts set aside: selection_fraction)
     path: str
     parent_run_id: str
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -72,9 +75,10 @@ def run_sweep(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str | N
     name = name or f"tune-{uuid.uuid4().hex[:8]}"
     path = sweep_dir(name, storage)
     path.mkdir(parents=True, exist_ok=True)
-    parent = _parent_run(name, base, sweep, data_dir)
+    trial_data = _trial_data(data_dir, sweep, path)
+    parent = _parent_run(name, base, sweep, data_dir, trial_data)
     started = {"base": base.model_dump(mode="json"), "sweep": sweep.model_dump(mode="json"), "data_dir": str(data_dir),
-               "parent_run_id": parent}
+               "trial_data_dir": str(trial_data), "parent_run_id": parent}
     (path / SWEEP_FILE).write_text(json.dumps(started, indent=1))
     runtime = init_ray(base.scale.ray_address)
     space = {dotted: tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
@@ -82,7 +86,7 @@ def run_sweep(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str | N
     metric, mode = SELECT_METRIC[base.optim.select_by]
     tuner = tune.Tuner(
         _trainable(base),
-        param_space={"space": space, "base": started["base"], "data_dir": str(data_dir), "attempts": str(path / "attempts")},
+        param_space={"space": space, "base": started["base"], "data_dir": str(trial_data), "attempts": str(path / "attempts")},
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, num_samples=sweep.trials, time_budget_s=sweep.time_budget_s,
             max_concurrent_trials=_concurrency(base, sweep), scheduler=_scheduler(base, sweep),
@@ -93,7 +97,17 @@ def run_sweep(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str | N
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[MlflowTrials(parent, name)], verbose=0,
         ),
     )
-    return _finish(_fit(tuner, parent), path, parent, runtime, base.optim.select_by)
+    return _finish(_fit(tuner, parent), path, parent, runtime, base.optim.select_by, trial_data)
+
+
+def _trial_data(data_dir: Path, sweep: SweepConfig, path: Path) -> Path:
+    """The dataset the trials train and are ranked on: `data_dir` itself, or with selection_fraction of its
+    training prompts moved to validation (and no test split), written once into the sweep's folder."""
+    if not sweep.selection_fraction:
+        return data_dir
+    out = path / "selection"
+    write_selection_dataset(data_dir, out, sweep.selection_fraction, sweep.seed)
+    return out
 
 
 def _fit(tuner, parent: str):
@@ -120,7 +134,8 @@ def resume_sweep(path: Path) -> SweepResult:
     if not tune.Tuner.can_restore(str(path)):
         raise FileNotFoundError(f"{path}: Ray Tune left no experiment state to restore (was the sweep started?)")
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(base), resume_errored=True)
-    return _finish(_fit(tuner, started["parent_run_id"]), path, started["parent_run_id"], runtime, base.optim.select_by)
+    return _finish(_fit(tuner, started["parent_run_id"]), path, started["parent_run_id"], runtime, base.optim.select_by,
+                   Path(started.get("trial_data_dir", started["data_dir"])))
 
 
 def _trainable(base: RunConfig):
@@ -185,7 +200,7 @@ def run_trial(config: dict[str, Any]) -> None:
                  "pairs_per_s": summary["pairs_per_s"], "final": 1})
 
 
-def _finish(grid, path: Path, parent: str, runtime: dict[str, Any], by: SelectBy) -> SweepResult:
+def _finish(grid, path: Path, parent: str, runtime: dict[str, Any], by: SelectBy, trial_data: Path) -> SweepResult:
     """The best trial among those that trained to the end (ASHA's stopped ones were behind at a rung),
     ranked as the base config's `optim.select_by` ranks a run's states; logged to the parent run."""
     trials = []
@@ -207,18 +222,21 @@ def _finish(grid, path: Path, parent: str, runtime: dict[str, Any], by: SelectBy
     for t in trials:
         t.pop("base")
     return SweepResult(best=best_cfg, best_trial=best["trial"], best_val_accuracy=best["val_accuracy"], best_val_loss=best["val_loss"],
-                       selected_by=SELECT_METRIC[by][0], path=str(path), parent_run_id=parent, trials=trials, runtime=runtime)
+                       selected_by=SELECT_METRIC[by][0], selection_pairs=read_manifest(trial_data)["splits"]["validation"],
+                       path=str(path), parent_run_id=parent, trials=trials, runtime=runtime)
 
 
-def _parent_run(name: str, base: RunConfig, sweep: SweepConfig, data_dir: Path) -> str:
+def _parent_run(name: str, base: RunConfig, sweep: SweepConfig, data_dir: Path, trial_data: Path) -> str:
     from rmflow.infra.mlflow_client import configure_mlflow, git_commit
 
     client = configure_mlflow()
     experiment = client.get_experiment_by_name("rmflow").experiment_id
     run = client.create_run(experiment, run_name=name, tags={"rmflow.kind": "tune", "rmflow.sweep": name,
                                                               "git_commit": git_commit(), "data_dir": str(data_dir)})
+    splits = read_manifest(trial_data)["splits"]
     client.log_batch(run.info.run_id, params=_params({f"base.{k}": v for k, v in base.flat_params().items()}
-                                                      | {f"sweep.{k}": v for k, v in sweep.model_dump(mode="json").items()}))
+                                                      | {f"sweep.{k}": v for k, v in sweep.model_dump(mode="json").items()}
+                                                      | {"trial_train_pairs": splits["train"], "selection_pairs": splits["validation"]}))
     return run.info.run_id
 
 

@@ -115,6 +115,8 @@ def tune(
     trials: Optional[int] = typer.Option(None, help="Configurations to try (overrides the --sweep file; default 8)."),
     time_budget_s: Optional[float] = typer.Option(None, help="Stop the sweep after this many seconds."),
     concurrent: Optional[int] = typer.Option(None, help="Trials at once (default: as many as the CPUs hold)."),
+    selection_fraction: Optional[float] = typer.Option(None, help="Fraction of the training prompts the trials are ranked on "
+                                                       "instead of trained on (default 0.25; 0 = the validation split alone)."),
     sweep_name: Optional[str] = typer.Option(None, help="Name of the sweep (its folder under RMFLOW_HOME/tune and its MLflow run)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted sweep from its folder (Tuner.restore)."),
     train_best: bool = typer.Option(True, help="Train the best configuration into --out after the sweep."),
@@ -131,7 +133,8 @@ def tune(
 
     try:
         base = load_run_config(config, {**(overrides or {}), **parse_sets(set_)})
-        settings = load_sweep_config(sweep, {"trials": trials, "time_budget_s": time_budget_s, "concurrent": concurrent})
+        settings = load_sweep_config(sweep, {"trials": trials, "time_budget_s": time_budget_s, "concurrent": concurrent,
+                                             "selection_fraction": selection_fraction})
     except ValidationError as e:
         fail(f"invalid config: {e}")
     except ValueError as e:
@@ -143,13 +146,13 @@ def tune(
             console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']}, val loss {t['val_loss']} at epoch {t['epoch']}"
                           f"{'' if t['finished'] else ' (stopped early by ASHA)'}{restarts}")
         loss = "n/a" if tuned.best_val_loss is None else f"{tuned.best_val_loss:.4f}"
-        console.print(f"[green]best[/] by {tuned.selected_by}: validation accuracy {tuned.best_val_accuracy:.3f}, loss {loss} "
-                      f"→ {tuned.config_file}")
+        console.print(f"[green]best[/] by {tuned.selected_by} on {tuned.selection_pairs} pairs: validation accuracy "
+                      f"{tuned.best_val_accuracy:.3f}, loss {loss} → {tuned.config_file}")
         result = tuned.model_dump(mode="json", exclude={"run"})
         if train_best:
             trained = train_model(tuned.run, data, out)
             result |= {"model_dir": trained.model_dir, "val_accuracy": trained.summary["val_accuracy"],
-                       "best_step": trained.summary["best_step"]}
+                       "best_step": trained.summary["best_step"], "pairs_trained": trained.summary["pairs_trained"]}
             console.print(f"[green]trained[/] the best config → {out} (validation accuracy {trained.summary['val_accuracy']:.3f})")
     except (*EXPECTED, RuntimeError) as e:
         fail(str(e))

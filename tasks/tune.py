@@ -31,6 +31,7 @@ class TunedConfig(BaseModel):
     best_val_accuracy: float | None = None
     best_val_loss: float | None = None
     selected_by: str | None = Field(None, description="The validation metric the sweep chose the best trial by.")
+    selection_pairs: int | None = Field(None, description="The validation pairs it ranked the trials on (sweep.selection_fraction).")
     trials: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -46,7 +47,8 @@ def tune_config(base: RunConfig, data_dir: Path, sweep: SweepConfig, name: str |
     path = write_config(result.best, Path(result.path) / BEST_FILE)
     return TunedConfig(run=result.best, config_file=str(path), tuned=True, sweep=result.path,
                        parent_run_id=result.parent_run_id, best_val_accuracy=result.best_val_accuracy,
-                       best_val_loss=result.best_val_loss, selected_by=result.selected_by, trials=result.trials)
+                       best_val_loss=result.best_val_loss, selected_by=result.selected_by,
+                       selection_pairs=result.selection_pairs, trials=result.trials)
 
 
 def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir: Path, retune_every: int) -> TunedConfig:
@@ -62,12 +64,13 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
         tuned = tune_config(base, data_dir, sweep)
         state = {"base": base_key, "sweep": sweep.model_dump(mode="json"), "config_file": tuned.config_file,
                  "parent_run_id": tuned.parent_run_id, "best_val_accuracy": tuned.best_val_accuracy,
-                 "best_val_loss": tuned.best_val_loss, "selected_by": tuned.selected_by, "runs_since": 1}
+                 "best_val_loss": tuned.best_val_loss, "selected_by": tuned.selected_by,
+                 "selection_pairs": tuned.selection_pairs, "runs_since": 1}
     else:
         run = RunConfig.model_validate(yaml.safe_load(Path(state["config_file"]).read_text()))
         tuned = TunedConfig(run=run, config_file=state["config_file"], tuned=False, parent_run_id=state.get("parent_run_id"),
                             best_val_accuracy=state.get("best_val_accuracy"), best_val_loss=state.get("best_val_loss"),
-                            selected_by=state.get("selected_by"))
+                            selected_by=state.get("selected_by"), selection_pairs=state.get("selection_pairs"))
         state["runs_since"] = state.get("runs_since", 0) + 1
     write_atomic(state_file, json.dumps(state, indent=1))
     return tuned

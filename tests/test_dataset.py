@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rmcore.converters.common import ConversionResult
-from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset
+from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset, write_selection_dataset
 from rmcore.synthetic import synthetic_items, synthetic_rankings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,31 @@ def test_split_by_prompt_hash_is_deterministic_and_disjoint(tmp_path):
     assert manifest["groups"] == 240 and manifest["pairs"] == 240 * 3
     assert sum(manifest["splits"].values()) == manifest["pairs"]
     assert load_pairs(tmp_path)["train"].num_rows == manifest["splits"]["train"]
+
+
+def test_a_sweeps_selection_set_takes_whole_training_prompts_and_drops_the_test_split(tmp_path):
+    """What `rmflow tune`'s trials see: a quarter of the training prompts moved (every annotator's group of a
+    prompt together) into validation, the validation split kept whole, the test split gone; the same seed
+    moves the same prompts, another seed others; a fraction that moves nothing is refused, naming the folder."""
+    rankings = synthetic_rankings(synthetic_items(120, k=3, seed=5), annotators=2, seed=1)
+    write_preference_dataset(ConversionResult(rankings=rankings), tmp_path / "d", {"kind": "t"})
+    source = load_groups(tmp_path / "d")
+    manifest = write_selection_dataset(tmp_path / "d", tmp_path / "s", 0.25, seed=0)
+    sel = load_groups(tmp_path / "s")
+    prompts = {s: set(sel[s]["prompt"]) for s in sel}
+    moved = prompts["validation"] - set(source["validation"]["prompt"])
+    assert moved and moved <= set(source["train"]["prompt"]) and not (prompts["train"] & prompts["validation"])
+    assert set(source["validation"]["prompt"]) <= prompts["validation"] and prompts["train"] | moved == set(source["train"]["prompt"])
+    assert 0.15 < len(moved) / len(set(source["train"]["prompt"])) < 0.35
+    assert sel["validation"].num_rows == source["validation"].num_rows + 2 * len(moved)  # both annotators' groups
+    assert manifest["splits"]["test"] == 0 and load_pairs(tmp_path / "s")["test"].num_rows == 0
+    assert manifest["splits"]["train"] + manifest["splits"]["validation"] == sum(
+        read_manifest(tmp_path / "d")["splits"][s] for s in ("train", "validation"))
+    assert write_selection_dataset(tmp_path / "d", tmp_path / "s2", 0.25, seed=0)["version"] == manifest["version"]
+    other = write_selection_dataset(tmp_path / "d", tmp_path / "s3", 0.25, seed=1)
+    assert set(load_groups(tmp_path / "s3")["train"]["prompt"]) != prompts["train"] and other["version"] != manifest["version"]
+    with pytest.raises(ValueError, match=str(tmp_path / "d")):
+        write_selection_dataset(tmp_path / "d", tmp_path / "s4", 1e-6)
 
 
 def test_version_is_stable_for_same_inputs_and_changes_with_data_or_options(tmp_path):
