@@ -1,5 +1,6 @@
 """Reward-model quality: TRL's RewardTrainer with its defaults vs rmflow with its defaults vs rmflow
-tuned (a Ray Tune sweep of --trials configurations, selected on the validation split only), in one
+tuned (a Ray Tune sweep of --trials configurations, selected on its selection set: the validation split and
+the training prompts set aside by selection_fraction, never the test split), in one
 run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
 
 The test split is read once per system, after training and selection are over: nothing selects on it.

@@ -124,7 +124,7 @@ def _stages(params: PipelineParams) -> dict[str, Any]:
             base = run.model_copy(update={"strength": run.strength.model_copy(update={"ensemble": 0})})
             tuned = tune_task(base, data, params.tune.sweep, root / "tune" / params.model_name, params.tune.retune_every)
             run = tuned.run.model_copy(update={"strength": params.run.strength})
-            logger.info("tune: %s config %s (best validation accuracy %s)", "tuned" if tuned.tuned else "reused",
+            logger.info("tune: %s config %s (best trial's accuracy on its selection set %s)", "tuned" if tuned.tuned else "reused",
                         tuned.config_file, tuned.best_val_accuracy)
         # with the team's bucket each version is kept there, and the ensemble's members and Ray
         # Train's workers read it there (on any node); in-process training, register and evaluate

@@ -2,7 +2,7 @@
 every evaluation (with a checkpoint), ASHA stopping the weak ones early on the metric `optim.select_by`
 names, every trial an MLflow child run of the sweep's parent run, the best configuration returned as a
 RunConfig. Trials train on the training split less `selection_fraction` of its prompts and are ranked on
-the validation split plus those prompts (rmcore.dataset.write_selection_dataset); they never see the test split.
+the validation split plus those prompts (rmcore.sweep.write_selection_dataset); they never see the test split.
 
 Ray notes that shaped this file:
 - Trials are Tune function trainables running the loop in-process (one model each, torch threads =
@@ -31,9 +31,9 @@ import torch
 from ray.tune import Callback
 
 from rmcore.config import RunConfig, SelectBy
-from rmcore.dataset import read_manifest, write_selection_dataset
+from rmcore.dataset import read_manifest
 from rmcore.paths import rmflow_home
-from rmcore.sweep import SweepConfig, trial_config
+from rmcore.sweep import SweepConfig, trial_config, write_selection_dataset
 from rmcore.train import SELECT_METRIC, WorkerContext, selection_rank, train_reward_model
 from rmflow.infra.ray_train import STATE_FILE, init_ray, read_checkpoint
 

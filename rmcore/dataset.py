@@ -76,14 +76,14 @@ def parse_fractions(spec: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _unit(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A deterministic number in [0, 1) from a text's hash."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def split_of(prompt: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split from the prompt text's hash."""
-    u = _unit(prompt)
+    u = unit_hash(prompt)
     if u < fractions[0]:
         return "train"
     return "validation" if u < fractions[0] + fractions[1] else "test"
@@ -215,22 +215,6 @@ def write_derived_dataset(data_dir: Path, out_dir: Path, split_rows: dict[str, l
                 "created_at": datetime.now(timezone.utc).isoformat()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-def write_selection_dataset(data_dir: Path, out_dir: Path, fraction: float, seed: int = 0) -> dict[str, Any]:
-    """What a hyper-parameter sweep's trials train and are ranked on: `data_dir` with `fraction` of its
-    training prompts moved into the validation split (picked by a seeded hash of the prompt text, so a
-    prompt's groups move together and no prompt is in both), and no test split at all. A larger selection
-    set ranks trials less noisily; the chosen configuration is then trained on the whole training split."""
-    groups = load_groups(data_dir)
-    kept, moved = [], []
-    for g in groups["train"].to_list():
-        (moved if _unit(f"selection:{seed}:{g['prompt']}") < fraction else kept).append(g)
-    if not kept or not moved:
-        raise ValueError(f"{data_dir}: moving {fraction:g} of the {len(kept) + len(moved)} training groups to validation "
-                         f"leaves {len(kept)} to train on and moves {len(moved)}: use a larger dataset or another fraction")
-    rows = {"train": kept, "validation": groups["validation"].to_list() + moved, "test": []}
-    return write_derived_dataset(data_dir, out_dir, rows, {"selection_fraction": fraction, "selection_seed": seed})
 
 
 def _load_splits(data_dir: Path, view: str, features: datasets.Features) -> datasets.DatasetDict:

@@ -131,6 +131,38 @@ def read_strengths(strength_dir: Path) -> dict[str, dict[str, list[float]]] | No
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def as_annotated(rows: list[dict[str, Any]], strength_dir: Path) -> list[dict[str, Any]]:
+    """A strength dataset version's training rows (all of them, in its order) with the pairs its strategy
+    flipped put back as the annotators ordered them, and their strengths negated back. Rows of a plain
+    dataset, or of a strategy that flips nothing, come back as they are. (A sweep ranks its trials on
+    training prompts it sets aside: against the human labels, not the ensemble's flips.)"""
+    strengths = read_strengths(strength_dir)
+    derivation = json.loads((Path(strength_dir) / "manifest.json").read_text()).get("derivation") or {}
+    if strengths is None or "strength" not in derivation:
+        return rows
+    cfg = StrengthConfig.model_validate(derivation["strength"])
+    if not cfg.strategy.startswith("flip"):
+        return rows
+    mean = np.asarray(strengths["train"]["mean"], dtype=float)
+    flipped = low_strength_mask(mean, cfg)  # as apply_strategy chose them
+    stored = np.asarray([x for r in rows for x in r["strengths"]], dtype=np.float32)
+    # each pair's stored strength is the ensemble's mean as the pair is now oriented: a check that these
+    # are the rows, in the order, that the mask was computed for
+    if len(stored) != len(mean) or not np.array_equal(stored, np.where(flipped, -mean, mean).astype(np.float32)):
+        raise ValueError(f"{strength_dir}: the training rows do not match its {STRENGTH_FILE} (which pairs were flipped "
+                         "cannot be told)")
+    out, n = [], 0
+    for row in rows:
+        k = len(row["pairs"])
+        sel = flipped[n:n + k]
+        n += k
+        if sel.any():
+            row = {**row, "pairs": [[l, w] if s else [w, l] for (w, l), s in zip(row["pairs"], sel)],
+                   "strengths": [-x if s else x for x, s in zip(row["strengths"], sel)]}
+        out.append(row)
+    return out
+
+
 def slice_by_strength(rows: list[dict[str, Any]], mean: np.ndarray, slices: int) -> list[list[dict[str, Any]]]:
     """The train pairs sorted by ensemble mean strength and cut into `slices` equal parts (lowest
     first), each part as group rows holding only its pairs ("Secrets of RLHF", impact of different

@@ -1,6 +1,7 @@
 """What `rmflow tune` searches, declared once as plain data (rmcore knows nothing of Ray): a search
-space over `RunConfig` fields (`section.field` → a distribution), and the sweep's settings. The
-search itself is Ray Tune's (rmflow.infra.ray_tune); a YAML file overrides any entry of the space."""
+space over `RunConfig` fields (`section.field` → a distribution), the sweep's settings, and the
+selection set its trials are ranked on. The search itself is Ray Tune's (rmflow.infra.ray_tune); a
+YAML file overrides any entry of the space."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rmcore.config import RunConfig, set_dotted
+from rmcore.dataset import load_groups, unit_hash, write_derived_dataset
+from rmcore.strength import as_annotated
 
 # section.field → {distribution: arguments}. Distributions: loguniform [lo, hi], uniform [lo, hi],
 # randint [lo, hi) and choice [values]. The defaults are the knobs that matter most for a small
@@ -24,7 +27,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
 
 class SweepConfig(BaseModel):
-    """One hyper-parameter sweep: trials, budget, scheduler and space."""
+    """One hyper-parameter sweep: trials, budget, scheduler, space and selection set."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,7 +37,7 @@ class SweepConfig(BaseModel):
     concurrent: int = Field(0, ge=0, description="Trials at once; 0 = as many as the cluster's CPUs (or GPUs with "
                             "scale.use_gpu) hold at scale.cpus_per_worker each.")
     grace_epochs: float = Field(0.4, gt=0, description="ASHA: epochs every trial trains before it may be stopped for "
-                                "scoring in the bottom of its rung on the validation metric (optim.select_by).")
+                                "scoring in the bottom of its rung on the selection set's metric (optim.select_by).")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: the fraction 1/η of trials kept at each rung.")
     max_failures: int = Field(2, ge=0, description="Restarts of a trial whose worker died, each from its last checkpoint "
                               "(one is taken at every evaluation).")
@@ -88,6 +91,27 @@ def trial_config(base: RunConfig, values: dict[str, Any]) -> RunConfig:
     return RunConfig.model_validate(tree)
 
 
+def write_selection_dataset(data_dir: Path, out_dir: Path, fraction: float, seed: int = 0) -> dict[str, Any]:
+    """What a sweep's trials train and are ranked on: `data_dir` with `fraction` of its training prompts
+    moved into the validation split (picked by a seeded hash of the prompt text, so a prompt's groups move
+    together and no prompt is in both; pairs a strength strategy flipped go back as annotated), and no
+    test split at all. Returns the new manifest."""
+    groups = load_groups(data_dir)
+    train = groups["train"].to_list()
+    annotated = as_annotated(train, Path(data_dir))
+    kept, moved = [], []
+    for row, labelled in zip(train, annotated):
+        if unit_hash(f"selection:{seed}:{row['prompt']}") < fraction:
+            moved.append(labelled)
+        else:
+            kept.append(row)
+    if not kept or not moved:
+        raise ValueError(f"{data_dir}: moving {fraction:g} of the {len(train)} training groups to validation leaves "
+                         f"{len(kept)} to train on and moves {len(moved)}: use a larger dataset or another fraction")
+    rows = {"train": kept, "validation": groups["validation"].to_list() + moved, "test": []}
+    return write_derived_dataset(data_dir, out_dir, rows, {"selection_fraction": fraction, "selection_seed": seed})
+
+
 def load_sweep_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """A SweepConfig from an optional YAML file (its keys as above) and field overrides (None ignored)."""
     import yaml
@@ -106,4 +130,5 @@ class PipelineTune(BaseModel):
                           "is trained, registered and logged to MLflow.")
     retune_every: int = Field(5, ge=1, description="Sweep again every R pipeline runs (and whenever the run config or these "
                               "settings change); the runs in between reuse the last best config.")
-    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Trials, time budget, concurrency and search space.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Trials, time budget, concurrency, search space and "
+                               "the selection set's fraction of the training prompts.")

@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 from rmcore.config import GateConfig, RunConfig
 from rmcore.names import DEFAULT_MODEL, DEFAULT_PROJECT, DEFAULT_RESPONSES, SENSOR_INTERVAL_S
 from rmcore.retrain import RetrainPolicy
+from rmcore.sweep import SweepConfig
 from rmflow.options import parse_sets, with_config_options
 from rmflow.output import console, emit, fail
 
@@ -110,20 +111,26 @@ def tune(
     out: Path = typer.Option(Path("out/model"), help="Where the best configuration's model is trained (as `rmflow train --out`)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON RunConfig the sweep starts from; flags and --set override it."),
     set_: list[str] = typer.Option([], "--set", help="section.field=value override of any config field (repeatable)."),
-    sweep: Optional[Path] = typer.Option(None, help="YAML SweepConfig (trials, time_budget_s, concurrent, space: {section.field: "
-                                         "{loguniform|uniform|randint|choice: args}}, merged over the default space)."),
-    trials: Optional[int] = typer.Option(None, help="Configurations to try (overrides the --sweep file; default 8)."),
+    sweep: Optional[Path] = typer.Option(None, help="YAML SweepConfig (trials, time_budget_s, concurrent, selection_fraction, "
+                                         "space: {section.field: {loguniform|uniform|randint|choice: args}}, merged over the "
+                                         "default space)."),
+    trials: Optional[int] = typer.Option(None, help="Configurations to try (overrides the --sweep file; default "
+                                         f"{SweepConfig.model_fields['trials'].default})."),
     time_budget_s: Optional[float] = typer.Option(None, help="Stop the sweep after this many seconds."),
     concurrent: Optional[int] = typer.Option(None, help="Trials at once (default: as many as the CPUs hold)."),
     selection_fraction: Optional[float] = typer.Option(None, help="Fraction of the training prompts the trials are ranked on "
-                                                       "instead of trained on (default 0.25; 0 = the validation split alone)."),
+                                                       "(with the validation split) instead of trained on (default "
+                                                       f"{SweepConfig.model_fields['selection_fraction'].default}; 0 = the "
+                                                       "validation split alone)."),
     sweep_name: Optional[str] = typer.Option(None, help="Name of the sweep (its folder under RMFLOW_HOME/tune and its MLflow run)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted sweep from its folder (Tuner.restore)."),
     train_best: bool = typer.Option(True, help="Train the best configuration into --out after the sweep."),
     overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Search the run config on Ray Tune (ASHA on validation accuracy, or on loss with --select-by loss;
-    every trial an MLflow child run), write the best config as YAML and train it into --out."""
+    """Search the run config on Ray Tune (trials ranked on a selection set, the validation split plus
+    --selection-fraction of the training prompts, by accuracy or by loss with --select-by loss; ASHA stops
+    the weak ones; every trial an MLflow child run), write the best config as YAML and train it on the
+    whole training split into --out."""
     from pydantic import ValidationError
 
     from rmcore.config import load_run_config
@@ -146,7 +153,7 @@ def tune(
             console.print(f"  trial {t['trial']}: val acc {t['val_accuracy']}, val loss {t['val_loss']} at epoch {t['epoch']}"
                           f"{'' if t['finished'] else ' (stopped early by ASHA)'}{restarts}")
         loss = "n/a" if tuned.best_val_loss is None else f"{tuned.best_val_loss:.4f}"
-        console.print(f"[green]best[/] by {tuned.selected_by} on {tuned.selection_pairs} pairs: validation accuracy "
+        console.print(f"[green]best[/] by {tuned.selected_by} on a selection set of {tuned.selection_pairs} pairs: accuracy "
                       f"{tuned.best_val_accuracy:.3f}, loss {loss} → {tuned.config_file}")
         result = tuned.model_dump(mode="json", exclude={"run"})
         if train_best:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rmcore.converters.common import ConversionResult
-from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset, write_selection_dataset
+from rmcore.dataset import load_groups, load_pairs, read_manifest, split_of, write_preference_dataset
+from rmcore.sweep import write_selection_dataset
 from rmcore.synthetic import synthetic_items, synthetic_rankings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +52,17 @@ def test_a_sweeps_selection_set_takes_whole_training_prompts_and_drops_the_test_
     assert set(source["validation"]["prompt"]) <= prompts["validation"] and prompts["train"] | moved == set(source["train"]["prompt"])
     assert 0.15 < len(moved) / len(set(source["train"]["prompt"])) < 0.35
     assert sel["validation"].num_rows == source["validation"].num_rows + 2 * len(moved)  # both annotators' groups
+    def as_labelled(rows):
+        return sorted((r["group_id"], r["completions"], r["pairs"], r["margins"], r["ties"]) for r in rows)
+    assert as_labelled(sel["train"].to_list() + sel["validation"].to_list()) == as_labelled(
+        source["train"].to_list() + source["validation"].to_list())  # moved as they were, nothing lost or changed
     assert manifest["splits"]["test"] == 0 and load_pairs(tmp_path / "s")["test"].num_rows == 0
     assert manifest["splits"]["train"] + manifest["splits"]["validation"] == sum(
         read_manifest(tmp_path / "d")["splits"][s] for s in ("train", "validation"))
     assert write_selection_dataset(tmp_path / "d", tmp_path / "s2", 0.25, seed=0)["version"] == manifest["version"]
     other = write_selection_dataset(tmp_path / "d", tmp_path / "s3", 0.25, seed=1)
     assert set(load_groups(tmp_path / "s3")["train"]["prompt"]) != prompts["train"] and other["version"] != manifest["version"]
-    with pytest.raises(ValueError, match=str(tmp_path / "d")):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "d"))):
         write_selection_dataset(tmp_path / "d", tmp_path / "s4", 1e-6)
 
 

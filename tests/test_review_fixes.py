@@ -185,3 +185,29 @@ def test_a_tune_state_recorded_before_a_setting_existed_is_reused_not_re_tuned(t
     tuned = tune_or_reuse(base, tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
     assert not tuned.tuned and tuned.run.optim.lr == 1e-4 and tuned.best_val_loss is None
     assert json.loads((tmp_path / STATE_FILE).read_text())["runs_since"] == 2
+
+
+@pytest.mark.parametrize("selection_fraction, retunes", [(0.0, False), (None, True)])
+def test_a_tune_state_from_before_selection_sets_is_reused_only_where_it_ranked_the_same_way(tmp_path, selection_fraction, retunes):
+    """A tune state recorded before `selection_fraction` existed ranked its trials on the validation split
+    alone: with `selection_fraction: 0` that is the same sweep and its best config is reused; with the
+    default (0.25) the sweep settings changed and it is re-tuned (which fails here, reaching the missing
+    dataset: proof that a sweep was started)."""
+    import yaml
+
+    from rmcore.sweep import SweepConfig
+    from rmflow.tasks.tune import STATE_FILE, tune_or_reuse
+
+    sweep = SweepConfig() if selection_fraction is None else SweepConfig(selection_fraction=selection_fraction)
+    older = sweep.model_dump(mode="json")
+    del older["selection_fraction"]
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"optim": {"lr": 1e-4}}))
+    (tmp_path / STATE_FILE).write_text(json.dumps({"base": RunConfig().model_dump(mode="json"), "sweep": older,
+                                                   "config_file": str(best), "best_val_accuracy": 0.6, "runs_since": 1}))
+    if retunes:
+        with pytest.raises(FileNotFoundError, match="no-such-dataset"):
+            tune_or_reuse(RunConfig(), tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
+    else:
+        tuned = tune_or_reuse(RunConfig(), tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
+        assert not tuned.tuned and tuned.run.optim.lr == 1e-4

@@ -148,3 +148,36 @@ def test_strength_slices_planted_reversed_pairs_score_below_chance(tiny_bert, tm
     assert accuracy[0] < 0.5, accuracy
     assert all(a > 0.5 for a in accuracy[2:]), accuracy
     assert result["slices"][0]["strength_max"] <= result["slices"][-1]["strength_min"]
+
+
+@pytest.mark.parametrize("strategy, flip_fraction", [("flip", 0.0), ("flip", 0.3), ("flip+margin", 0.0), ("soft", 0.0)])
+def test_a_sweeps_selection_set_holds_flipped_training_pairs_as_annotated(tmp_path, strategy, flip_fraction):
+    """Tuning on a strength dataset: the training prompts a sweep moves into its selection set are ranked
+    against the human labels, not the ensemble's flips (their strengths negated back); the rows left to
+    train on keep the strategy's changes; a strategy that flips nothing moves its rows as they are."""
+    from rmcore.sweep import write_selection_dataset
+    from rmflow.tasks.strength import write_strength_dataset
+
+    rankings = synthetic_rankings(synthetic_items(80, k=3, seed=5), annotators=1, seed=1)
+    write_preference_dataset(ConversionResult(rankings=rankings), tmp_path / "d", {"kind": "t"})
+    groups = load_groups(tmp_path / "d")
+    rng = np.random.default_rng(0)
+    splits = {s: {"rows": groups[s].to_list(), "mean": rng.normal(size=sum(len(r["pairs"]) for r in groups[s])),
+                  "std": np.ones(sum(len(r["pairs"]) for r in groups[s]))} for s in groups}
+    cfg = RunConfig.model_validate({"strength": {"ensemble": 3, "strategy": strategy, "flip_fraction": flip_fraction}})
+    strength = write_strength_dataset(cfg, tmp_path / "d", {"splits": splits, "members": [], "mlflow_runs": []}, tmp_path)
+    changed = {r["group_id"]: r for r in load_groups(Path(strength.dataset))["train"].to_list()}
+    annotated = {r["group_id"]: r for r in groups["train"].to_list()}
+    flips = strategy.startswith("flip")
+    assert any(changed[g]["pairs"] != annotated[g]["pairs"] for g in annotated) == flips
+
+    write_selection_dataset(Path(strength.dataset), tmp_path / "s", 0.5)
+    sel = load_groups(tmp_path / "s")
+    moved = [r for r in sel["validation"].to_list() if r["group_id"] in annotated]
+    assert moved and any(changed[r["group_id"]]["pairs"] != r["pairs"] for r in moved) == flips
+    for r in moved:  # pairs and their strengths as annotated
+        c = changed[r["group_id"]]
+        assert r["pairs"] == annotated[r["group_id"]]["pairs"], r["group_id"]
+        assert r["strengths"] == [x if p == q else -x for x, p, q in zip(c["strengths"], r["pairs"], c["pairs"])]
+    for r in sel["train"].to_list():
+        assert {k: r[k] for k in ("pairs", "strengths", "smoothing")} == {k: changed[r["group_id"]][k] for k in ("pairs", "strengths", "smoothing")}

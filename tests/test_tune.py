@@ -107,9 +107,10 @@ def test_best_config_reproduces_with_rmflow_train(sweep, synthetic_dataset):
 
 def test_trials_are_ranked_on_a_selection_set_and_the_best_config_trains_on_the_whole_training_split(sweep, synthetic_dataset):
     """With the default selection_fraction the trials train on the training split less a quarter of its
-    prompts and are ranked on the validation split plus those prompts (never on test); the parent run
-    records both sizes; the best configuration then trains on the whole training split (3 epochs of it:
-    with 4 evaluations a run and patience 3 it cannot stop early)."""
+    prompts and are ranked on the validation split plus those prompts (never on test): every evaluation
+    a trial logged counted that many pairs; the parent run records both sizes; the best configuration then
+    trains on the whole training split (3 epochs of it: early stopping checks the 3 evaluations before the
+    end, the first of which sets the best, so patience 3 is never reached)."""
     from mlflow import MlflowClient
 
     from rmcore.dataset import read_manifest
@@ -121,7 +122,12 @@ def test_trials_are_ranked_on_a_selection_set_and_the_best_config_trains_on_the_
     ranked_on = read_manifest(Path(started["trial_data_dir"]))["splits"]
     assert ranked_on["test"] == 0 and full["validation"] < ranked_on["validation"] == out["selection_pairs"], ranked_on
     assert ranked_on["train"] + ranked_on["validation"] == full["train"] + full["validation"]
-    params = MlflowClient(mlflow_tracking_uri()).get_run(out["parent_run_id"]).data.params
+    client = MlflowClient(mlflow_tracking_uri())
+    experiment = client.get_experiment_by_name("rmflow").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    counted = {m.value for run in children for m in client.get_metric_history(run.info.run_id, "val_n")}
+    assert counted == {ranked_on["validation"]}, counted
+    params = client.get_run(out["parent_run_id"]).data.params
     assert params["sweep.selection_fraction"] == "0.25" and params["selection_pairs"] == str(ranked_on["validation"])
     assert params["trial_train_pairs"] == str(ranked_on["train"])
     assert out["pairs_trained"] == 3 * full["train"]
@@ -131,13 +137,14 @@ def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, mo
     """The driver (and the local Ray runtime that shares its fate) is SIGKILLed once Tune has recorded a
     finished trial; `rmflow tune --resume` finishes the sweep without training that trial again and
     logs into the same MLflow runs. The sweep selects by validation loss (`--select-by loss`), which the
-    resumed sweep keeps: the best trial is the one with the lowest loss, not the highest accuracy."""
+    resumed sweep keeps: the best trial is the one with the lowest loss, not the highest accuracy. With
+    `selection_fraction: 0` the trials are ranked on the validation split itself (no selection set)."""
     from mlflow import MlflowClient
 
     from rmcore.paths import mlflow_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"trials": 3, "concurrent": 1, "grace_epochs": 3.0, "space": {
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"trials": 3, "concurrent": 1, "grace_epochs": 3.0, "selection_fraction": 0, "space": {
         "optim.lr": {"choice": [3e-3, 1e-3, 3e-4]}, "optim.epochs": {"choice": [2]}, "optim.warmup_ratio": None,
         "optim.weight_decay": None}}))
     path = Path(os.environ["RMFLOW_HOME"]) / "tune" / "resume-test"
@@ -163,6 +170,8 @@ def test_an_interrupted_sweep_resumes(tiny_bert, synthetic_dataset, tmp_path, mo
     client = MlflowClient(mlflow_tracking_uri())
     experiment = client.get_experiment_by_name("rmflow").experiment_id
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")) == 3
+    assert out["selection_pairs"] == json.loads((Path(synthetic_dataset) / "manifest.json").read_text())["splits"]["validation"]
+    assert not (path / "selection").exists()  # selection_fraction 0: ranked on the validation split itself
     best = min(out["trials"], key=lambda t: t["val_loss"])
     assert out["selected_by"] == "val_loss" and out["best_val_loss"] == best["val_loss"], out["trials"]
     parent = client.get_run(out["parent_run_id"])
