@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rmcore.config import RunConfig, StrengthConfig
+from rmcore.dataset import read_manifest
 from rmcore.records import ReannotationRequest
 
 # files of a strength-annotated dataset version beside its splits
@@ -45,6 +46,11 @@ def low_strength_mask(mean: np.ndarray, cfg: StrengthConfig) -> np.ndarray:
     return mean < cfg.flip_below
 
 
+def flip_pairs(pairs: list[list[int]], selected: np.ndarray) -> list[list[int]]:
+    """The (winner, loser) pairs with the selected ones swapped (its own inverse)."""
+    return [[l, w] if s else [w, l] for (w, l), s in zip(pairs, selected)]
+
+
 def apply_strategy(rows: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray, cfg: StrengthConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """New group rows with the strategy applied; `mean`/`std` follow the rows' pairs in order.
     Adds per-pair columns `strengths` (mean strength of the pair as now oriented), `strength_std`
@@ -57,7 +63,7 @@ def apply_strategy(rows: list[dict[str, Any]], mean: np.ndarray, std: np.ndarray
         k = len(row["pairs"])
         sel, m = selected[n:n + k], mean[n:n + k].astype(float)
         if flip:
-            row["pairs"] = [[l, w] if s else [w, l] for (w, l), s in zip(row["pairs"], sel)]
+            row["pairs"] = flip_pairs(row["pairs"], sel)
             m = np.where(sel, -m, m)
         row["strengths"] = m.tolist()
         row["strength_std"] = std[n:n + k].astype(float).tolist()
@@ -137,7 +143,7 @@ def as_annotated(rows: list[dict[str, Any]], strength_dir: Path) -> list[dict[st
     dataset, or of a strategy that flips nothing, come back as they are. (A sweep ranks its trials on
     training prompts it sets aside: against the human labels, not the ensemble's flips.)"""
     strengths = read_strengths(strength_dir)
-    derivation = json.loads((Path(strength_dir) / "manifest.json").read_text()).get("derivation") or {}
+    derivation = read_manifest(strength_dir).get("derivation") or {}
     if strengths is None or "strength" not in derivation:
         return rows
     cfg = StrengthConfig.model_validate(derivation["strength"])
@@ -157,8 +163,7 @@ def as_annotated(rows: list[dict[str, Any]], strength_dir: Path) -> list[dict[st
         sel = flipped[n:n + k]
         n += k
         if sel.any():
-            row = {**row, "pairs": [[l, w] if s else [w, l] for (w, l), s in zip(row["pairs"], sel)],
-                   "strengths": [-x if s else x for x, s in zip(row["strengths"], sel)]}
+            row = {**row, "pairs": flip_pairs(row["pairs"], sel), "strengths": [-x if s else x for x, s in zip(row["strengths"], sel)]}
         out.append(row)
     return out
 
