@@ -46,7 +46,7 @@ class SweepResult:
     best_trial: str
     best_val_accuracy: float
     best_val_loss: float | None
-    selected_by: str  # the validation metric the sweep ranked its trials by (optim.select_by's)
+    selected_by: str  # the metric the sweep ranked its trials by on their validation split, the selection set (optim.select_by's)
     selection_pairs: int  # the pairs it ranked them on (validation + the training prompts set aside: selection_fraction)
     path: str
     parent_run_id: str

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from rmcore.config import RunConfig, set_dotted
 from rmcore.dataset import load_groups, unit_hash, write_derived_dataset
@@ -51,7 +51,7 @@ class SweepConfig(BaseModel):
         "its best state chosen on the validation split as every run's is. 0 = trials train on the whole training "
         "split and are ranked on the validation split alone.",
     )
-    space: dict[str, dict[str, list[Any]]] = Field(
+    space: dict[str, dict[str, list[Any]] | None] = Field(
         default_factory=lambda: dict(DEFAULT_SPACE), description="`section.field` → {loguniform|uniform|randint|choice: "
         "args}; merged over the default space (an entry set to null removes a default one)."
     )
@@ -80,6 +80,12 @@ class SweepConfig(BaseModel):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise ValueError(f"search space: {dotted!r} needs one of {', '.join(DISTRIBUTIONS)}, got {spec!r}")
         return v
+
+    @field_serializer("space")
+    def _dump_removals(self, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]] | None]:
+        # a removed default entry is dumped as null: validating the dump (the Prefect run form, the tune
+        # state) merges the defaults in again, and must give back this space, not the default one
+        return {**{k: None for k in DEFAULT_SPACE if k not in space}, **space}
 
 
 def trial_config(base: RunConfig, values: dict[str, Any]) -> RunConfig:

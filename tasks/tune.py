@@ -30,7 +30,8 @@ class TunedConfig(BaseModel):
     parent_run_id: str | None = Field(None, description="The sweep's MLflow parent run.")
     best_val_accuracy: float | None = Field(None, description="The best trial's accuracy on the selection set it was ranked on.")
     best_val_loss: float | None = Field(None, description="Its loss there.")
-    selected_by: str | None = Field(None, description="The validation metric the sweep chose the best trial by.")
+    selected_by: str | None = Field(None, description="The metric the sweep chose the best trial by (val_accuracy or val_loss, optim.select_by's), "
+                                       "measured on the trials' validation split: the selection set.")
     selection_pairs: int | None = Field(None, description="The validation pairs it ranked the trials on (sweep.selection_fraction).")
     trials: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -58,7 +59,7 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
     state_file = Path(state_dir) / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     base_key = base.model_dump(mode="json")
-    fresh = (not state or _as_now(state.get("base")) != base_key or _sweep_as_now(state.get("sweep")) != sweep.model_dump(mode="json")
+    fresh = (not state or _as_now(state.get("base")) != base_key or _sweep_as_now(state.get("sweep")) != _sweep_as_now(sweep.model_dump(mode="json"))
              or state.get("runs_since", 0) + 1 > max(1, retune_every) or not Path(state.get("config_file", "")).is_file())
     if fresh:
         tuned = tune_config(base, data_dir, sweep)
@@ -87,11 +88,16 @@ def _as_now(recorded: Any) -> Any:
 
 
 def _sweep_as_now(recorded: Any) -> Any:
-    """Sweep settings recorded by an earlier rmflow, compared as recorded (validating a SweepConfig's dump
-    again would put back the default space entries a user removed), with the settings added since at what
-    that rmflow did: before `selection_fraction`, trials were ranked on the validation split alone (0), so
-    under today's default (0.25) such a state is re-tuned once, as any change of sweep settings is."""
-    return {"selection_fraction": 0.0} | recorded if isinstance(recorded, dict) else recorded
+    """Sweep settings recorded by an earlier rmflow (or dumped now), compared by the space they search: the
+    default entries a user removed are dumped as null today and were left out before, so nulls are dropped;
+    the settings added since are at what that rmflow did: before `selection_fraction`, trials were ranked on
+    the validation split alone (0), so under today's default (0.25) such a state is re-tuned once, as any
+    change of sweep settings is."""
+    if not isinstance(recorded, dict):
+        return recorded
+    space = recorded.get("space")
+    searched = {k: v for k, v in space.items() if v is not None} if isinstance(space, dict) else space
+    return {"selection_fraction": 0.0} | recorded | {"space": searched}
 
 
 tune_task = task(tune_or_reuse, name="tune", tags=["rmflow-training"])

@@ -211,3 +211,35 @@ def test_a_tune_state_from_before_selection_sets_is_reused_only_where_it_ranked_
     else:
         tuned = tune_or_reuse(RunConfig(), tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
         assert not tuned.tuned and tuned.run.optim.lr == 1e-4
+
+
+def test_a_removed_default_space_entry_survives_the_run_form_and_the_tune_state(tmp_path):
+    """A sweep without one of the default space's entries (set to null) keeps it out after its settings are
+    dumped and read back, as the Prefect run form and the pipeline's tune state do: the default space is
+    merged in on every validation, so the dump names the removal. The recorded state, written now or by an
+    rmflow that dumped the space without the entry, is the same sweep: its best config is reused (a re-tune
+    would reach the missing dataset)."""
+    import yaml
+
+    from rmcore.sweep import SweepConfig
+    from rmflow.flows.pipeline import PipelineParams
+    from rmflow.tasks.tune import STATE_FILE, tune_or_reuse
+
+    sweep = SweepConfig.model_validate({"space": {"optim.weight_decay": None, "loss.label_smoothing": {"choice": [0.0, 0.1]}}})
+    assert "optim.weight_decay" not in sweep.space and "optim.lr" in sweep.space
+    assert SweepConfig.model_validate(sweep.model_dump(mode="json")) == sweep
+    params = PipelineParams.model_validate({"tune": {"enabled": True, "sweep": sweep.model_dump(mode="json")}})
+    assert PipelineParams.model_validate(json.loads(params.model_dump_json())).tune.sweep.space == sweep.space
+
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"optim": {"lr": 1e-4}}))
+    now = sweep.model_dump(mode="json")
+    before = now | {"space": {k: v for k, v in now["space"].items() if v is not None}}
+    for n, recorded in enumerate((now, before)):
+        (tmp_path / STATE_FILE).write_text(json.dumps({"base": RunConfig().model_dump(mode="json"), "sweep": recorded,
+                                                       "config_file": str(best), "best_val_accuracy": 0.6, "runs_since": 1}))
+        tuned = tune_or_reuse(RunConfig(), tmp_path / "no-such-dataset", sweep, tmp_path, retune_every=5)
+        assert not tuned.tuned and tuned.run.optim.lr == 1e-4, n
+    # and a sweep that searches the entry again is another sweep
+    with pytest.raises(FileNotFoundError, match="no-such-dataset"):
+        tune_or_reuse(RunConfig(), tmp_path / "no-such-dataset", SweepConfig(), tmp_path, retune_every=5)
