@@ -3,10 +3,13 @@ tuned (a Ray Tune sweep of --trials configurations, selected on its selection se
 the training prompts set aside by selection_fraction, never the test split), in one
 run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
 
-The test split is read once per system, after training and selection are over: nothing selects on it.
+With --seeds, every system trains once per seed (the tuned system sweeps once, then trains its best
+configuration per seed) and the summary gives each system's mean over the seeds: one seed's test accuracy
+moves by several points with the initialisation and data order alone (bench/RESULTS.md).
+The test split is read once per (system, seed), after training and selection are over: nothing selects on it.
 The run keeps its state (sweeps, their MLflow runs, models) in a temporary RMFLOW_HOME deleted at the
 end: a benchmark leaves nothing in the user's ~/.rmflow or MLflow.
-Prints one JSON line per (dataset, system) and a summary line.
+Prints one JSON line per (dataset, system, seed) and a summary line.
 
 Run: `rmflow bench quality` or `python -m rmflow.bench.quality --help`.
 """
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rmcore.config import RunConfig
@@ -53,14 +57,16 @@ def test_row(model_dir: Path, data: Path, started: float, extra: dict[str, Any])
 def run_default(kind: str, data: Path, args: argparse.Namespace, head: str = "auto") -> dict[str, Any]:
     """rmflow's defaults; `head` scalar or seqcls: the same run with that head (model.head=auto's choice measured)."""
     started = time.perf_counter()
-    out = data.parent / f"default-{head}-{kind}"
+    out = data.parent / f"default-{head}-{kind}-{args.seed}"
     summary = train_reward_model(default_config(kind, args, head), data, out)
     return test_row(out, data, started, {
         "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"], "best_step": summary["best_step"],
         "steps": summary["steps"], "stopped_early_at": summary["stopped_early_at"]})
 
 
-def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_sweep_once(kind: str, data: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The tuned system's sweep (its configurations sampled with the sweep's own seed, whatever --seeds says);
+    returns its result and what the rows report of it."""
     from rmflow.infra.ray_tune import run_sweep
 
     started = time.perf_counter()
@@ -69,20 +75,31 @@ def run_tuned(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
     base = default_config(kind, args)
     base = base.model_copy(update={"optim": base.optim.model_copy(update={"select_by": args.tuned_select_by})})
     result = run_sweep(base, data, sweep, name=f"quality-{kind}-{os.getpid()}")
-    summary = train_reward_model(result.best, data, data.parent / f"tuned-{kind}")
     changed = {k: v for k, v in result.best.flat_params().items() if base.flat_params()[k] != v}
-    return test_row(data.parent / f"tuned-{kind}", data, started, {
-        "trials": len(result.trials), "trials_finished": sum(t["finished"] for t in result.trials),
-        "time_budget_s": sweep.time_budget_s, "space": sweep.space, "best": changed,
-        "select_by": base.optim.select_by, "selection_fraction": sweep.selection_fraction, "selection_pairs": result.selection_pairs,
-        "best_trial_val_accuracy": result.best_val_accuracy,
-        "best_trial_val_loss": result.best_val_loss, "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
-        "best_step": summary["best_step"], "steps": summary["steps"]})
+    return result, {
+        "sweep_s": round(time.perf_counter() - started, 1), "trials": len(result.trials),
+        "trials_finished": sum(t["finished"] for t in result.trials), "time_budget_s": sweep.time_budget_s,
+        "space": sweep.space, "best": changed, "select_by": base.optim.select_by,
+        "selection_fraction": sweep.selection_fraction, "selection_pairs": result.selection_pairs,
+        "best_trial_val_accuracy": result.best_val_accuracy, "best_trial_val_loss": result.best_val_loss}
+
+
+def run_tuned(kind: str, data: Path, args: argparse.Namespace, result: Any, swept: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's best configuration trained on the whole training split with --seed."""
+    started = time.perf_counter()
+    best = result.best.model_copy(update={"optim": result.best.optim.model_copy(update={"seed": args.seed})})
+    out = data.parent / f"tuned-{kind}-{args.seed}"
+    summary = train_reward_model(best, data, out)
+    return test_row(out, data, started, swept | {
+        "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"], "best_step": summary["best_step"],
+        "steps": summary["steps"]})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common_args(__doc__, "hh-rlhf,qa-feedback")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="Comma-separated seeds: every system trains once per seed (TRL's "
+                        "and rmflow's initialisation and data order; the tuned system sweeps once and trains its best "
+                        "configuration once per seed); the summary reports each system's mean test accuracy over them.")
     parser.add_argument("--trials", type=int, default=6, help="The tuned system's trial budget (configurations tried).")
     parser.add_argument("--time-budget-s", type=float, default=None, help="Wall-clock budget of each sweep.")
     parser.add_argument("--sweep", type=Path, default=None, help="YAML SweepConfig (space etc.); --trials overrides it.")
@@ -104,23 +121,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # the sweep's MLflow runs go to that home's SQLite store
         for kind in args.datasets.split(","):
             data = prepare(kind, args.shared, Path(work), args.limit)
-            rows = {}
-            if "trl" in systems:  # TRL's defaults: lr 5e-5 (args.lr), one epoch, the last checkpoint
-                trl = run_trl(kind, data, args)
-                rows["trl"] = {"test_accuracy": round(trl["test_accuracy"], 4), "test_ci95": wilson(trl["test_accuracy"], trl["test_pairs"]),
-                               "test_pairs": trl["test_pairs"], "train_s": trl["train_s"]}
-            if "default" in systems:
-                rows["default"] = run_default(kind, data, args)
-            for head in ("scalar", "seqcls"):
-                if head in systems:
-                    rows[head] = run_default(kind, data, args, head)
-            if "tuned" in systems:
-                rows["tuned"] = run_tuned(kind, data, args)
-            for system, row in rows.items():
-                emit({"dataset": kind, "system": system, **row})
-            if "trl" in rows:
-                summary[kind] = {f"{s}_minus_trl": round(r["test_accuracy"] - rows["trl"]["test_accuracy"], 4)
-                                 for s, r in rows.items() if s != "trl"}
+            args.seed = int(args.seeds.split(",")[0])  # the sweep's base config (trials train with the base seed)
+            swept = run_sweep_once(kind, data, args) if "tuned" in systems else None
+            accuracies: dict[str, list[float]] = {}
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                args.seed = seed
+                rows = {}
+                if "trl" in systems:  # TRL's defaults: lr 5e-5 (args.lr), one epoch, the last checkpoint
+                    trl = run_trl(kind, data, args)
+                    rows["trl"] = {"test_accuracy": round(trl["test_accuracy"], 4),
+                                   "test_ci95": wilson(trl["test_accuracy"], trl["test_pairs"]),
+                                   "test_pairs": trl["test_pairs"], "train_s": trl["train_s"]}
+                if "default" in systems:
+                    rows["default"] = run_default(kind, data, args)
+                for head in ("scalar", "seqcls"):
+                    if head in systems:
+                        rows[head] = run_default(kind, data, args, head)
+                if swept is not None:
+                    rows["tuned"] = run_tuned(kind, data, args, *swept)
+                for system, row in rows.items():
+                    emit({"dataset": kind, "system": system, "seed": seed, **row})
+                    accuracies.setdefault(system, []).append(row["test_accuracy"])
+            summary[kind] = {f"{s}_mean_test_accuracy": round(float(np.mean(a)), 4) for s, a in accuracies.items()}
+            summary[kind] |= {f"{s}_test_accuracies": a for s, a in accuracies.items()}
+            if "trl" in accuracies:  # per seed, then averaged: the same seeds on both sides
+                summary[kind] |= {f"{s}_minus_trl": round(float(np.mean(np.subtract(a, accuracies["trl"]))), 4)
+                                  for s, a in accuracies.items() if s != "trl"}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
