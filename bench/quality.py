@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         os.environ["RMFLOW_HOME"] = str(Path(work) / "home")
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # the sweep's MLflow runs go to that home's SQLite store
+        seeds = [int(s) for s in args.seeds.split(",")]
         for kind in args.datasets.split(","):
             data = prepare(kind, args.shared, Path(work), args.limit)
-            args.seed = int(args.seeds.split(",")[0])  # the sweep's base config (trials train with the base seed)
+            args.seed = seeds[0]  # the sweep's base config (trials train with the base seed)
             swept = run_sweep_once(kind, data, args) if "tuned" in systems else None
             accuracies: dict[str, list[float]] = {}
-            for seed in [int(s) for s in args.seeds.split(",")]:
+            for seed in seeds:
                 args.seed = seed
                 rows = {}
                 if "trl" in systems:  # TRL's defaults: lr 5e-5 (args.lr), one epoch, the last checkpoint

@@ -58,12 +58,12 @@ def tune_or_reuse(base: RunConfig, data_dir: Path, sweep: SweepConfig, state_dir
     Training and search settings not in the space (backbone, scale, …) always come from `base`."""
     state_file = Path(state_dir) / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    base_key = base.model_dump(mode="json")
-    fresh = (not state or _as_now(state.get("base")) != base_key or _sweep_as_now(state.get("sweep")) != _sweep_as_now(sweep.model_dump(mode="json"))
+    base_key, sweep_key = base.model_dump(mode="json"), sweep.model_dump(mode="json")
+    fresh = (not state or _as_now(state.get("base")) != base_key or _sweep_as_now(state.get("sweep")) != _sweep_as_now(sweep_key)
              or state.get("runs_since", 0) + 1 > max(1, retune_every) or not Path(state.get("config_file", "")).is_file())
     if fresh:
         tuned = tune_config(base, data_dir, sweep)
-        state = {"base": base_key, "sweep": sweep.model_dump(mode="json"), "config_file": tuned.config_file,
+        state = {"base": base_key, "sweep": sweep_key, "config_file": tuned.config_file,
                  "parent_run_id": tuned.parent_run_id, "best_val_accuracy": tuned.best_val_accuracy,
                  "best_val_loss": tuned.best_val_loss, "selected_by": tuned.selected_by,
                  "selection_pairs": tuned.selection_pairs, "runs_since": 1}
