@@ -3,6 +3,10 @@ tuned (a Ray Tune sweep of --trials configurations, selected on its selection se
 the training prompts set aside by selection_fraction, never the test split), in one
 run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
 
+TRL's defaults are RewardConfig's (TRL 1.x: 8 pairs a step, 3 epochs, lr 1e-4, no warm-up), with the backbone, data,
+max length and seed shared with rmflow and fp32 on CPU; `trl-matched` is TRL's trainer given rmflow's default budget
+instead (16 pairs a step, one epoch, lr 5e-5: the "TRL" of bench/RESULTS.md tables before 2026-12-06).
+
 With --seeds, every system trains once per seed (the tuned system sweeps once, then trains its best
 configuration per seed) and the summary gives each system's mean over the seeds: one seed's test accuracy
 moves by several points with the initialisation and data order alone (bench/RESULTS.md).
@@ -26,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmcore.config import RunConfig
+from rmcore.config import OptimConfig, RunConfig
 from rmcore.evaluate import evaluate_saved_model
 from rmcore.sweep import load_sweep_config
 from rmcore.train import train_reward_model
-from rmflow.bench.train_vs_trl import DATASETS, common_args, emit, prepare, run_trl
+from rmflow.bench.train_vs_trl import DATASETS, common_args, emit, matched_trl_settings, prepare, run_trl
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
@@ -107,10 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="The tuned system's optim.select_by: what ASHA, the best trial and each run's best state go by.")
     parser.add_argument("--selection-fraction", type=float, default=None,
                         help="The sweep's selection_fraction (overrides the --sweep file; default the SweepConfig's).")
-    parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl, default, tuned, scalar, seqcls "
-                        "(rmflow's defaults with model.head forced) to run.")
+    parser.add_argument("--systems", default="trl,default,tuned", help="Which of trl (RewardConfig's defaults), "
+                        "trl-matched (TRL given rmflow's budget), default, tuned, scalar, seqcls (rmflow's defaults with "
+                        "model.head forced) to run.")
     args = parser.parse_args(argv)
-    args.pairs_per_step, args.device = 16, "cpu"  # TRL: its per-device batch; rmflow's default pairs_per_step is 16
+    # trl-matched gets rmflow's default budget (this benchmark compares defaults: --lr is not used)
+    args.pairs_per_step, args.lr, args.device = OptimConfig().pairs_per_step, OptimConfig().lr, "cpu"
     if not args.shared.is_dir():
         raise SystemExit(f"shared data not found at {args.shared}; pass --shared")
     systems = args.systems.split(",")
@@ -128,11 +134,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in seeds:
                 args.seed = seed
                 rows = {}
-                if "trl" in systems:  # TRL's defaults: lr 5e-5 (args.lr), one epoch, the last checkpoint
-                    trl = run_trl(kind, data, args)
-                    rows["trl"] = {"test_accuracy": round(trl["test_accuracy"], 4),
-                                   "test_ci95": wilson(trl["test_accuracy"], trl["test_pairs"]),
-                                   "test_pairs": trl["test_pairs"], "train_s": trl["train_s"]}
+                for system, settings in (("trl", {}), ("trl-matched", matched_trl_settings(args))):
+                    if system in systems:  # the last state, as TRL keeps it
+                        trl = run_trl(kind, data, args, settings)
+                        rows[system] = {"test_accuracy": round(trl["test_accuracy"], 4),
+                                        "test_ci95": wilson(trl["test_accuracy"], trl["test_pairs"]), "test_pairs": trl["test_pairs"],
+                                        **{k: trl[k] for k in ("train_s", "steps", "learning_rate", "epochs", "pairs_per_step",
+                                                               "pairs_trained")}}
                 if "default" in systems:
                     rows["default"] = run_default(kind, data, args)
                 for head in ("scalar", "seqcls"):
@@ -145,9 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     accuracies.setdefault(system, []).append(row["test_accuracy"])
             summary[kind] = {f"{s}_mean_test_accuracy": round(float(np.mean(a)), 4) for s, a in accuracies.items()}
             summary[kind] |= {f"{s}_test_accuracies": a for s, a in accuracies.items()}
-            if "trl" in accuracies:  # per seed, then averaged: the same seeds on both sides
-                summary[kind] |= {f"{s}_minus_trl": round(float(np.mean(np.subtract(a, accuracies["trl"]))), 4)
-                                  for s, a in accuracies.items() if s != "trl"}
+            for ref in ("trl", "trl-matched"):  # per seed, then averaged: the same seeds on both sides
+                if ref in accuracies:
+                    summary[kind] |= {f"{s}_minus_{ref}": round(float(np.mean(np.subtract(a, accuracies[ref]))), 4)
+                                      for s, a in accuracies.items() if not s.startswith("trl")}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -62,7 +62,15 @@ def run_rmflow(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any
             "test_accuracy": metrics["accuracy"], "test_pairs": metrics["n"]}
 
 
-def run_trl(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def matched_trl_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """RewardConfig settings that give TRL rmflow's training budget: its pairs a step, one epoch, its lr."""
+    return {"per_device_train_batch_size": args.pairs_per_step, "num_train_epochs": 1, "learning_rate": args.lr}
+
+
+def run_trl(kind: str, data: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """TRL's RewardTrainer on the training split: RewardConfig's defaults, except `settings`, the shared max
+    length and seed, fp32 on CPU, no logging or saving, and no gradient checkpointing (it recomputes the same
+    activations: time only, ~30% of a CPU step)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
@@ -77,10 +85,10 @@ def run_trl(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     pairs = load_pairs(data)
     train = pairs["train"].select_columns(["prompt", "chosen", "rejected"])
     with tempfile.TemporaryDirectory() as out:
-        config = RewardConfig(output_dir=out, per_device_train_batch_size=args.pairs_per_step, num_train_epochs=1,
-                              max_length=args.max_length, learning_rate=args.lr, report_to=[], save_strategy="no",
+        config = RewardConfig(output_dir=out, **settings, max_length=args.max_length, report_to=[], save_strategy="no",
                               logging_steps=10**6, seed=args.seed, use_cpu=args.device != "cuda",
-                              bf16=args.device == "cuda", dataloader_num_workers=0, disable_tqdm=True)
+                              bf16=args.device == "cuda", dataloader_num_workers=0, disable_tqdm=True,
+                              gradient_checkpointing=False)
         trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
         trained_pairs = len(trainer.train_dataset)
         started = time.perf_counter()
@@ -88,6 +96,8 @@ def run_trl(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
         train_s = time.perf_counter() - started
     accuracy = trl_accuracy(model.eval(), tokenizer, pairs["test"], args.max_length, args.device)
     return {"pairs_trained": trained_pairs, "pairs_dropped": train.num_rows - trained_pairs, "train_s": round(train_s, 3),
+            "steps": trainer.state.global_step, "learning_rate": config.learning_rate,
+            "epochs": config.num_train_epochs, "pairs_per_step": config.per_device_train_batch_size,
             "pairs_per_s": round(trained_pairs / train_s, 3), "test_accuracy": accuracy, "test_pairs": pairs["test"].num_rows}
 
 
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = prepare(kind, args.shared, Path(work), args.limit)
             ours = run_rmflow(kind, data, args)
             emit({"dataset": kind, "system": "rmflow", **ours})
-            theirs = run_trl(kind, data, args)
+            theirs = run_trl(kind, data, args, matched_trl_settings(args))
             emit({"dataset": kind, "system": "trl", **theirs})
             ratio = {"dataset": kind, "speed_ratio": round(ours["pairs_per_s"] / theirs["pairs_per_s"], 3),
                      "accuracy_delta": round(ours["test_accuracy"] - theirs["test_accuracy"], 4)}
