@@ -2,8 +2,9 @@
 order (1v2, 1v3, 1v4, 2v3, 2v4, 3v4); 1 = first preferred, 2 = second, 0 = tie.
 
 Every strict judgement becomes a pair, even when the six are intransitive; the K-wise group's order
-is the Copeland order (wins minus losses, equal scores tied). The prompt is the question; the
-grounding passages are kept in `meta` but not fed to the model.
+is the Copeland order (wins minus losses, equal scores tied). The prompt is the question alone: the grounding
+passages (a median 465 words a question, over any max length the default backbone takes) are neither
+fed to the model nor kept.
 """
 from __future__ import annotations
 
