@@ -3,9 +3,10 @@ tuned (a Ray Tune sweep of --trials configurations, selected on its selection se
 the training prompts set aside by selection_fraction, never the test split), in one
 run, on the shared hh-rlhf and qa-feedback data; test-split accuracy with a 95% Wilson interval.
 
-TRL's defaults are RewardConfig's (TRL 1.x: 8 pairs a step, 3 epochs, lr 1e-4, no warm-up), with the backbone, data,
-max length and seed shared with rmflow and fp32 on CPU; `trl-matched` is TRL's trainer given rmflow's default budget
-instead (16 pairs a step, one epoch, lr 5e-5: the "TRL" of bench/RESULTS.md tables before 2026-12-06).
+TRL's defaults are the installed RewardConfig's (TRL 1.16: 8 pairs a step, 3 epochs, lr 1e-4, no warm-up; the
+summary records the version), with the backbone, data, max length and seed shared with rmflow, fp32 on CPU and no
+gradient checkpointing (time only); `trl-matched` is TRL's trainer given rmflow's default budget instead (its pairs a
+step, epochs and lr: 16, one, 5e-5), the row labelled "TRL" in bench/RESULTS.md tables before 2026-12-06.
 
 With --seeds, every system trains once per seed (the tuned system sweeps once, then trains its best
 configuration per seed) and the summary gives each system's mean over the seeds: one seed's test accuracy
@@ -115,12 +116,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "trl-matched (TRL given rmflow's budget), default, tuned, scalar, seqcls (rmflow's defaults with "
                         "model.head forced) to run.")
     args = parser.parse_args(argv)
-    # trl-matched gets rmflow's default budget (this benchmark compares defaults: --lr is not used)
-    args.pairs_per_step, args.lr, args.device = OptimConfig().pairs_per_step, OptimConfig().lr, "cpu"
+    if args.lr != parser.get_default("lr"):
+        parser.error("--lr: this benchmark compares each system's own settings (trl-matched takes rmflow's default lr)")
+    # these feed trl-matched only; default and tuned read OptimConfig themselves
+    defaults = OptimConfig()
+    args.pairs_per_step, args.lr, args.device = defaults.pairs_per_step, defaults.lr, "cpu"
     if not args.shared.is_dir():
         raise SystemExit(f"shared data not found at {args.shared}; pass --shared")
     systems = args.systems.split(",")
-    summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "trials": args.trials}
+    import trl
+
+    summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, trl {trl.__version__}",
+                               "trials": args.trials}
     saved = {k: os.environ.get(k) for k in ("RMFLOW_HOME", "MLFLOW_TRACKING_URI")}
     with tempfile.TemporaryDirectory() as work:
         os.environ["RMFLOW_HOME"] = str(Path(work) / "home")
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in seeds:
                 args.seed = seed
                 rows = {}
-                for system, settings in (("trl", {}), ("trl-matched", matched_trl_settings(args))):
+                for system, settings in (("trl", {}), ("trl-matched", matched_trl_settings(args, defaults.epochs))):
                     if system in systems:  # the last state, as TRL keeps it
                         trl = run_trl(kind, data, args, settings)
                         rows[system] = {"test_accuracy": round(trl["test_accuracy"], 4),
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for ref in ("trl", "trl-matched"):  # per seed, then averaged: the same seeds on both sides
                 if ref in accuracies:
                     summary[kind] |= {f"{s}_minus_{ref}": round(float(np.mean(np.subtract(a, accuracies[ref]))), 4)
-                                      for s, a in accuracies.items() if not s.startswith("trl")}
+                                      for s, a in accuracies.items() if s != ref and not (s == "trl" and ref == "trl-matched")}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
