@@ -21,6 +21,7 @@ Run: `rmflow bench quality` or `python -m rmflow.bench.quality --help`.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import tempfile
@@ -124,10 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.shared.is_dir():
         raise SystemExit(f"shared data not found at {args.shared}; pass --shared")
     systems = args.systems.split(",")
-    import trl
-
-    summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, trl {trl.__version__}",
-                               "trials": args.trials}
+    summary: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "trials": args.trials}
+    if any(s.startswith("trl") for s in systems):  # only then is TRL needed (it is the `bench` extra)
+        summary["machine"] += f", trl {importlib.metadata.version('trl')}"
     saved = {k: os.environ.get(k) for k in ("RMFLOW_HOME", "MLFLOW_TRACKING_URI")}
     with tempfile.TemporaryDirectory() as work:
         os.environ["RMFLOW_HOME"] = str(Path(work) / "home")
