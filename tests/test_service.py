@@ -12,12 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.client.base import PrefectHttpxSyncClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 N = 20  # the retrain threshold: new labels since the last successful run
 ARTIFACTS = Path(os.environ.get("RMFLOW_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 PIPELINE = "reward-pipeline/reward-pipeline"
+# Prefect's API as its own client calls it: on SQLite a busy database answers 503 ("retry"), and
+# Prefect's client retries those with backoff (CI at f3f5ecb failed on one a bare httpx call took).
+# It raises on any other error status itself.
+prefect_http = PrefectHttpxSyncClient(timeout=30)
 
 
 def pipeline_params(project: str, tiny_bert: Path, data: Path) -> dict:
@@ -49,14 +54,14 @@ def stack(label_studio, tiny_bert, tmp_path_factory):
 
 
 def deployment(api: str, name: str) -> dict:
-    return httpx.get(f"{api}/deployments/name/{name}").raise_for_status().json()
+    return prefect_http.get(f"{api}/deployments/name/{name}").raise_for_status().json()
 
 
 def flow_runs(api: str, deployment_name: str, since: datetime, project: str | None = None) -> list[dict]:
     """The deployment's runs created after `since` (for runs created on demand: a trigger, the UI)."""
     dep = deployment(api, deployment_name)
     body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    runs = httpx.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
+    runs = prefect_http.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
     return [r for r in runs if datetime.fromisoformat(r["created"]) >= since
             and (project is None or r["parameters"].get("params", {}).get("project") == project)]
 
@@ -68,13 +73,13 @@ def runs_started_after(api: str, deployment_name: str, since: datetime) -> list[
     dep = deployment(api, deployment_name)
     body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "start_time": {"after_": since.isoformat()}},
             "sort": "START_TIME_ASC"}
-    return httpx.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
+    return prefect_http.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
 
 
 def wait_until_done(api: str, run_id: str, timeout_s: float = 420) -> dict:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
+        run = prefect_http.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
         if run["state_type"] in TERMINAL:
             return run
         time.sleep(2)
@@ -95,7 +100,7 @@ def wait_for_runs(api: str, since: datetime, project: str, count: int = 1, timeo
 def wait_started(api: str, run_id: str, timeout_s: float = 60) -> dict:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
+        run = prefect_http.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
         if run["start_time"]:
             return run
         time.sleep(0.5)
@@ -183,7 +188,7 @@ def record_latency(path: str, seconds: float) -> None:
 
 def gate_checks(api: str, run_id: str) -> list[str]:
     body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["gate"]}}}
-    artifacts = httpx.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
+    artifacts = prefect_http.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
     assert artifacts, f"flow run {run_id} published no gate table"
     rows = artifacts[0]["data"]
     return [row["check"] for row in (json.loads(rows) if isinstance(rows, str) else rows)]
@@ -212,7 +217,7 @@ def test_status_lists_every_service_healthy(stack):
     # this stack is embedded (SQLite, local files): the team backends are listed, not in use, and say so
     for name in ("postgres", "objectstore"):
         assert not status[name]["running"] and not status[name]["healthy"] and "not in use" in status[name]["reason"], status
-    assert {d["name"] for d in httpx.post(f"{stack['api']}/deployments/filter", json={}).json()} >= {
+    assert {d["name"] for d in prefect_http.post(f"{stack['api']}/deployments/filter", json={}).json()} >= {
         "reward-pipeline", "label-sensor", "request-reannotation"}
 
 
@@ -293,7 +298,7 @@ def test_labels_at_human_pace_start_one_run_each_time_n_are_new_none_lost_none_t
 def flow_result(api: str, run_id: str) -> dict:
     """What the run's `labels` table artifact says it consumed."""
     body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["labels"]}}}
-    artifacts = httpx.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
+    artifacts = prefect_http.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
     assert artifacts, f"flow run {run_id} published no labels table"
     rows = artifacts[0]["data"]
     return {row["what"]: row["value"] for row in (json.loads(rows) if isinstance(rows, str) else rows)}
@@ -308,7 +313,7 @@ def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
         wait_until_done(api, wait_for_runs(api, since, project)[0]["id"])
     dep = deployment(api, PIPELINE)
     params = {**stack["params"], "run": {**stack["params"]["run"], "loss": {"name": "margin"}}}
-    run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}}).raise_for_status().json()
+    run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}}).raise_for_status().json()
     done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     from rmflow.infra.mlflow_client import configure_mlflow
@@ -334,7 +339,7 @@ def test_label_studio_down_when_the_run_starts_fails_named_and_the_next_label_re
     finally:
         labelstudio.up(port=18080)
     assert done["state_type"] == "FAILED"
-    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    logs = prefect_http.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     assert any("Label Studio" in entry["message"] and ("unreachable" in entry["message"] or "not running" in entry["message"])
                for entry in logs), [entry["message"][-200:] for entry in logs][-5:]
     assert watermark(stack, project) == before
@@ -364,12 +369,12 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
     from rmflow.infra.stack import using_prefect
 
     api = stack["api"]
-    flow_id = httpx.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).raise_for_status().json()["id"]
-    dep_id = httpx.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).raise_for_status().json()["id"]
+    flow_id = prefect_http.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).raise_for_status().json()["id"]
+    dep_id = prefect_http.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).raise_for_status().json()["id"]
     created: list[str] = []
 
     def create_run(**body) -> str:
-        created.append(httpx.post(f"{api}/deployments/{dep_id}/create_flow_run", json=body).raise_for_status().json()["id"])
+        created.append(prefect_http.post(f"{api}/deployments/{dep_id}/create_flow_run", json=body).raise_for_status().json()["id"])
         return created[-1]
 
     read = SyncPrefectClient.read_flow_runs
@@ -396,9 +401,9 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
         assert after.created_since and [r for r in after.in_flight if created[1] in r] == after.in_flight != [], after  # seen, in flight
     finally:
         for run_id in created:
-            httpx.delete(f"{api}/flow_runs/{run_id}")
-        httpx.delete(f"{api}/deployments/{dep_id}")
-        httpx.delete(f"{api}/flows/{flow_id}")
+            prefect_http.delete(f"{api}/flow_runs/{run_id}")
+        prefect_http.delete(f"{api}/deployments/{dep_id}")
+        prefect_http.delete(f"{api}/flows/{flow_id}")
 
 
 def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stack):
@@ -418,7 +423,7 @@ def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stac
     pid = st.deployments_service().state()["pid"]
     os.killpg(os.getpgid(pid), signal.SIGKILL)
     killed = time.monotonic()
-    assert httpx.get(f"{api}/flow_runs/{run['id']}").json()["state_type"] == "RUNNING"
+    assert prefect_http.get(f"{api}/flow_runs/{run['id']}").json()["state_type"] == "RUNNING"
     st.up(True, serve=serve_settings(stack["params"]))  # up again heals: a new runner
     crashed = wait_until_done(api, run["id"], timeout_s=240)
     assert crashed["state_type"] == "CRASHED", crashed["state"]
