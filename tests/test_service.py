@@ -4,9 +4,11 @@ way a user creates them (the UI's REST call, Label Studio webhooks, the label se
 and observed through Prefect's API; nothing runs in-process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,9 +21,10 @@ N = 20  # the retrain threshold: new labels since the last successful run
 ARTIFACTS = Path(os.environ.get("RMFLOW_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 PIPELINE = "reward-pipeline/reward-pipeline"
-# Prefect's API as its own client calls it: on SQLite a busy database answers 503 ("retry"), and
-# Prefect's client retries those with backoff (CI at f3f5ecb failed on one a bare httpx call took).
-# It raises on any other error status itself.
+# Prefect's API as its own client calls it: on SQLite a busy database answers 503 ("retry"); Prefect's
+# client retries 408/429/502/503 and transient network errors with backoff (5 retries by default), then
+# raises on any 4xx/5xx (CI at f3f5ecb failed on a 503 a bare httpx call took). Runs are created with an
+# idempotency key, so a retried POST cannot create a second run.
 prefect_http = PrefectHttpxSyncClient(timeout=30)
 
 
@@ -313,7 +316,7 @@ def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
         wait_until_done(api, wait_for_runs(api, since, project)[0]["id"])
     dep = deployment(api, PIPELINE)
     params = {**stack["params"], "run": {**stack["params"]["run"], "loss": {"name": "margin"}}}
-    run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}}).raise_for_status().json()
+    run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}, "idempotency_key": uuid.uuid4().hex}).raise_for_status().json()
     done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     from rmflow.infra.mlflow_client import configure_mlflow
@@ -374,7 +377,7 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
     created: list[str] = []
 
     def create_run(**body) -> str:
-        created.append(prefect_http.post(f"{api}/deployments/{dep_id}/create_flow_run", json=body).raise_for_status().json()["id"])
+        created.append(prefect_http.post(f"{api}/deployments/{dep_id}/create_flow_run", json={**body, "idempotency_key": uuid.uuid4().hex}).raise_for_status().json()["id"])
         return created[-1]
 
     read = SyncPrefectClient.read_flow_runs
@@ -400,10 +403,9 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
         assert (during.created_since, during.in_flight) == (False, []), during  # not seen at all: the receiver's grace applies
         assert after.created_since and [r for r in after.in_flight if created[1] in r] == after.in_flight != [], after  # seen, in flight
     finally:
-        for run_id in created:
-            prefect_http.delete(f"{api}/flow_runs/{run_id}")
-        prefect_http.delete(f"{api}/deployments/{dep_id}")
-        prefect_http.delete(f"{api}/flows/{flow_id}")
+        for path in [*(f"flow_runs/{run_id}" for run_id in created), f"deployments/{dep_id}", f"flows/{flow_id}"]:
+            with contextlib.suppress(httpx.HTTPError):  # best effort: a failed clean-up must not hide the test's outcome
+                prefect_http.delete(f"{api}/{path}")
 
 
 def test_a_run_whose_runner_is_killed_is_crashed_and_new_labels_start_a_run(stack):

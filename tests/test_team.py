@@ -716,7 +716,7 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
         assert store.secret_access_key not in " ".join(psutil.Process(stack.deployments_service().state()["pid"]).cmdline())
         api = result["prefect"]["api_url"]
         dep = prefect_http.get(f"{api}/deployments/name/{PIPELINE}").raise_for_status().json()
-        run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}).raise_for_status().json()
+        run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"idempotency_key": uuid.uuid4().hex}).raise_for_status().json()
         done = wait_until_done(api, run["id"], timeout_s=600)
     finally:
         stack.down(only=("deployments", "receiver"))
