@@ -23,9 +23,15 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 PIPELINE = "reward-pipeline/reward-pipeline"
 # Prefect's API as its own client calls it: on SQLite a busy database answers 503 ("retry"); Prefect's
 # client retries 408/429/502/503 and transient network errors with backoff (5 retries by default), then
-# raises on any 4xx/5xx (CI at f3f5ecb failed on a 503 a bare httpx call took). Runs are created with an
-# idempotency key, so a retried POST cannot create a second run.
+# raises on any 4xx/5xx (CI at f3f5ecb failed on a 503 a bare httpx call took).
 prefect_http = PrefectHttpxSyncClient(timeout=30)
+
+
+def create_flow_run(api: str, deployment_id: str, **body) -> dict:
+    """A run of the deployment, created as the UI's REST call creates it. The idempotency key makes a
+    retried POST return the run the first try created, never a second run."""
+    return prefect_http.post(f"{api}/deployments/{deployment_id}/create_flow_run",
+                             json={**body, "idempotency_key": uuid.uuid4().hex}).json()
 
 
 def pipeline_params(project: str, tiny_bert: Path, data: Path) -> dict:
@@ -57,14 +63,14 @@ def stack(label_studio, tiny_bert, tmp_path_factory):
 
 
 def deployment(api: str, name: str) -> dict:
-    return prefect_http.get(f"{api}/deployments/name/{name}").raise_for_status().json()
+    return prefect_http.get(f"{api}/deployments/name/{name}").json()
 
 
 def flow_runs(api: str, deployment_name: str, since: datetime, project: str | None = None) -> list[dict]:
     """The deployment's runs created after `since` (for runs created on demand: a trigger, the UI)."""
     dep = deployment(api, deployment_name)
     body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    runs = prefect_http.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
+    runs = prefect_http.post(f"{api}/flow_runs/filter", json=body).json()
     return [r for r in runs if datetime.fromisoformat(r["created"]) >= since
             and (project is None or r["parameters"].get("params", {}).get("project") == project)]
 
@@ -76,13 +82,13 @@ def runs_started_after(api: str, deployment_name: str, since: datetime) -> list[
     dep = deployment(api, deployment_name)
     body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "start_time": {"after_": since.isoformat()}},
             "sort": "START_TIME_ASC"}
-    return prefect_http.post(f"{api}/flow_runs/filter", json=body).raise_for_status().json()
+    return prefect_http.post(f"{api}/flow_runs/filter", json=body).json()
 
 
 def wait_until_done(api: str, run_id: str, timeout_s: float = 420) -> dict:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        run = prefect_http.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
+        run = prefect_http.get(f"{api}/flow_runs/{run_id}").json()
         if run["state_type"] in TERMINAL:
             return run
         time.sleep(2)
@@ -103,7 +109,7 @@ def wait_for_runs(api: str, since: datetime, project: str, count: int = 1, timeo
 def wait_started(api: str, run_id: str, timeout_s: float = 60) -> dict:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        run = prefect_http.get(f"{api}/flow_runs/{run_id}").raise_for_status().json()
+        run = prefect_http.get(f"{api}/flow_runs/{run_id}").json()
         if run["start_time"]:
             return run
         time.sleep(0.5)
@@ -189,12 +195,17 @@ def record_latency(path: str, seconds: float) -> None:
     out.write_text(json.dumps({**seen, path: round(seconds, 1)}, indent=1))
 
 
-def gate_checks(api: str, run_id: str) -> list[str]:
-    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["gate"]}}}
-    artifacts = prefect_http.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
-    assert artifacts, f"flow run {run_id} published no gate table"
+def artifact_rows(api: str, run_id: str, key: str) -> list[dict]:
+    """The rows of the run's `key` table artifact."""
+    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}}
+    artifacts = prefect_http.post(f"{api}/artifacts/filter", json=body).json()
+    assert artifacts, f"flow run {run_id} published no {key} table"
     rows = artifacts[0]["data"]
-    return [row["check"] for row in (json.loads(rows) if isinstance(rows, str) else rows)]
+    return json.loads(rows) if isinstance(rows, str) else rows
+
+
+def gate_checks(api: str, run_id: str) -> list[str]:
+    return [row["check"] for row in artifact_rows(api, run_id, "gate")]
 
 
 def model_versions(name: str) -> list:
@@ -298,13 +309,9 @@ def test_labels_at_human_pace_start_one_run_each_time_n_are_new_none_lost_none_t
     assert flow_result(api, retrain["id"])["new_rankings"] == str(N)  # each label of the second batch, once
 
 
-def flow_result(api: str, run_id: str) -> dict:
-    """What the run's `labels` table artifact says it consumed."""
-    body = {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["labels"]}}}
-    artifacts = prefect_http.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()
-    assert artifacts, f"flow run {run_id} published no labels table"
-    rows = artifacts[0]["data"]
-    return {row["what"]: row["value"] for row in (json.loads(rows) if isinstance(rows, str) else rows)}
+def flow_result(api: str, run_id: str, key: str = "labels") -> dict:
+    """The run's `key` table artifact as {what: value}: by default what it says the run consumed."""
+    return {row["what"]: row["value"] for row in artifact_rows(api, run_id, key)}
 
 
 def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
@@ -316,7 +323,7 @@ def test_a_run_created_as_the_ui_does_trains_with_its_overrides(stack):
         wait_until_done(api, wait_for_runs(api, since, project)[0]["id"])
     dep = deployment(api, PIPELINE)
     params = {**stack["params"], "run": {**stack["params"]["run"], "loss": {"name": "margin"}}}
-    run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"params": params}, "idempotency_key": uuid.uuid4().hex}).raise_for_status().json()
+    run = create_flow_run(api, dep["id"], parameters={"params": params})
     done = wait_until_done(api, run["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     from rmflow.infra.mlflow_client import configure_mlflow
@@ -372,12 +379,12 @@ def test_a_run_created_while_the_receiver_reads_is_never_taken_for_one_that_ende
     from rmflow.infra.stack import using_prefect
 
     api = stack["api"]
-    flow_id = prefect_http.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).raise_for_status().json()["id"]
-    dep_id = prefect_http.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).raise_for_status().json()["id"]
+    flow_id = prefect_http.post(f"{api}/flows/", json={"name": "rmflow-race-probe"}).json()["id"]
+    dep_id = prefect_http.post(f"{api}/deployments/", json={"name": "probe", "flow_id": flow_id}).json()["id"]
     created: list[str] = []
 
     def create_run(**body) -> str:
-        created.append(prefect_http.post(f"{api}/deployments/{dep_id}/create_flow_run", json={**body, "idempotency_key": uuid.uuid4().hex}).raise_for_status().json()["id"])
+        created.append(create_flow_run(api, dep_id, **body)["id"])
         return created[-1]
 
     read = SyncPrefectClient.read_flow_runs

@@ -682,7 +682,7 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
     from rmflow.infra import labelstudio
     from rmflow.infra import labelstudio_api as lst
     from tests.test_ray_cluster import Cluster, _clean_env
-    from tests.test_service import PIPELINE, prefect_http, wait_until_done
+    from tests.test_service import PIPELINE, create_flow_run, deployment, flow_result, wait_until_done
 
     store = objectstore.storage(objectstore.service().state()["port"])
     project = f"team-pipe-{uuid.uuid4().hex[:6]}"
@@ -715,16 +715,13 @@ def test_a_pipeline_run_through_the_deployment_trains_on_both_nodes_from_the_buc
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert store.secret_access_key not in " ".join(psutil.Process(stack.deployments_service().state()["pid"]).cmdline())
         api = result["prefect"]["api_url"]
-        dep = prefect_http.get(f"{api}/deployments/name/{PIPELINE}").raise_for_status().json()
-        run = prefect_http.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"idempotency_key": uuid.uuid4().hex}).raise_for_status().json()
+        run = create_flow_run(api, deployment(api, PIPELINE)["id"])
         done = wait_until_done(api, run["id"], timeout_s=600)
     finally:
         stack.down(only=("deployments", "receiver"))
         cluster.stop()
     assert done["state_type"] == "COMPLETED", done["state"]
-    body = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["training"]}}}
-    rows = prefect_http.post(f"{api}/artifacts/filter", json=body).raise_for_status().json()[0]["data"]
-    training = {r["what"]: r["value"] for r in (json.loads(rows) if isinstance(rows, str) else rows)}
+    training = flow_result(api, run["id"], "training")
     assert training["read_from"].startswith(f"s3://rmflow/datasets/{project}/"), training
     assert training["workers"] == "2" and training["worker_nodes"] == "2", training
     assert training["ray_run"].startswith("s3://rmflow/ray_results/"), training
